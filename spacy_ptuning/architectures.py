@@ -1,0 +1,69 @@
+"""Registered thinc architectures."""
+from typing import Callable, List, Optional
+
+from spacy.tokens import Doc
+from spacy.util import registry
+from spacy_transformers.layers import split_trf_batch
+from spacy_transformers.layers.trfs2arrays import trfs2arrays
+from spacy_transformers.span_getters import configure_strided_spans
+from thinc.api import Model, chain, reduce_mean
+from thinc.types import Floats2d, Ragged
+
+from .backbone import DEFAULT_BACKBONE, load_backbone
+from .model import PromptedEncoder, ptuning_transformer_model
+
+
+@registry.architectures("spacy_ptuning.PTuningTransformer.v1")
+def ptuning_transformer_v1(
+    backbone: str = DEFAULT_BACKBONE,
+    method: str = "prefix",
+    num_virtual_tokens: int = 16,
+    prefix_projection: int = 0,
+    prompt_encoder: str = "lstm",
+    prompt_dropout: float = 0.0,
+    get_spans: Optional[Callable] = None,
+    pooling: Optional[Model[Ragged, Floats2d]] = None,
+    grad_factor: float = 1.0,
+    revision: Optional[str] = None,
+    dtype: str = "float32",
+) -> Model[List[Doc], List[Floats2d]]:
+    """A frozen, shared Hugging Face encoder with trainable continuous prompts,
+    usable as the tok2vec of any spaCy component: one vector per token.
+
+    backbone: HF name or local path (default: the embedded all-MiniLM-L6-v2).
+    method: "prefix" (P-Tuning v2 key/value prefixes in every layer),
+        "prompt_encoder" (P-Tuning v1: input prompts from a bi-LSTM/MLP) or
+        "prompt" (prompt tuning: free input embeddings).
+    num_virtual_tokens: prefix / prompt length.
+    prefix_projection: hidden size of the MLP reparameterisation of the
+        prefixes (0 = none). Only for method "prefix".
+    prompt_encoder: "lstm" or "mlp" (method "prompt_encoder" only).
+    prompt_dropout: dropout on the prefixes / prompts while training.
+    get_spans: spacy-transformers span getter splitting docs into windows
+        (default: strided spans, window 128, stride 96).
+    pooling: wordpieces -> token pooling (default: mean).
+    grad_factor: scale of the gradient flowing back into the prompts.
+    revision: HF revision of the backbone.
+    dtype: backbone weights dtype: float32, bfloat16 or float16 (prompts
+        always train in float32).
+    """
+    shared = load_backbone(backbone, revision=revision, dtype=dtype)
+    module = PromptedEncoder(
+        shared,
+        method=method,
+        num_virtual_tokens=num_virtual_tokens,
+        prefix_projection=prefix_projection,
+        prompt_encoder=prompt_encoder,
+        prompt_dropout=prompt_dropout,
+    )
+    if get_spans is None:
+        get_spans = configure_strided_spans(window=128, stride=96)
+    if pooling is None:
+        pooling = reduce_mean()
+    model = chain(
+        ptuning_transformer_model(module, get_spans),
+        split_trf_batch(),
+        trfs2arrays(pooling, grad_factor),
+    )
+    model.set_dim("nO", shared.hidden_width)
+    return model
