@@ -9,7 +9,7 @@ class Errors:
         "name with network access (set HF_HUB_OFFLINE=1 to fail fast without "
         "one). The embedded default is '{default}'. To point a saved pipeline "
         "at another copy, override the path at load time, e.g. spacy.load(path, "
-        "config={{'components.{{name}}.model.tok2vec.backbone': '/path/to/model'}})."
+        "config={{'components.NAME.model.tok2vec.backbone': '/path/to/model'}}), NAME being the component."
     )
     E002 = (
         "[E002] Backbone '{name}' has architecture '{model_type}', which "

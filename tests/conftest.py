@@ -1,0 +1,106 @@
+"""Tiny randomly initialised backbones, built in the test session (no downloads)."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+WORDS = (
+    "the a an of in on at to and or is was were be by for with from as that this it "
+    "he she they we you i said says met visited lives works city company bank river "
+    "alice bob carol dave erin frank grace heidi ivan judy mallory oscar peggy trent "
+    "paris london berlin rome madrid tokyo lima oslo cairo delhi acme globex initech "
+    "umbrella hooli vandelay good bad great awful love hate fine poor nice terrible "
+    "movie film plot story actor scene today yesterday very not really quite"
+).split()
+
+
+def _write_bert(path: Path, max_positions: int = 64) -> Path:
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(WORDS))
+    vocab += [c for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-$"]
+    vocab += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    tok.model_max_length = max_positions
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=max_positions,
+        type_vocab_size=2,
+    )
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _write_roberta(path: Path) -> Path:
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        [" ".join(WORDS)] * 4,
+        vocab_size=400,
+        min_frequency=1,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+    )
+    bpe.save_model(str(path))
+    tok = RobertaTokenizerFast(
+        vocab_file=str(path / "vocab.json"), merges_file=str(path / "merges.txt")
+    )
+    tok.model_max_length = 62
+    torch.manual_seed(0)
+    cfg = RobertaConfig(
+        vocab_size=len(json.loads((path / "vocab.json").read_text())),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        type_vocab_size=1,
+    )
+    RobertaModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    return str(_write_bert(tmp_path_factory.mktemp("tiny-bert")))
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta(tmp_path_factory) -> str:
+    return str(_write_roberta(tmp_path_factory.mktemp("tiny-roberta")))
+
+
+@pytest.fixture(scope="session")
+def other_tiny_bert(tmp_path_factory) -> str:
+    """Same architecture as tiny_bert, different weights."""
+    path = _write_bert(tmp_path_factory.mktemp("other-bert"))
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(path)
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight.mul_(1.5)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(params=["tiny_bert", "tiny_roberta"])
+def tiny_backbone(request) -> str:
+    return request.getfixturevalue(request.param)

@@ -1,0 +1,132 @@
+"""The maths of deep prefixes and input prompts, against HF's own code paths."""
+import numpy
+import pytest
+import torch
+
+from spacy_ptuning import PromptedEncoder, load_backbone
+from spacy_ptuning.architectures import ptuning_transformer_v1
+
+TEXTS = ["alice met bob in paris today", "the film", "good movie , really great plot and actor"]
+
+
+def _encode(backbone, texts):
+    enc = backbone.tokenizer(texts, padding=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")
+
+
+def _randomise(module: PromptedEncoder, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+def _real_position_ids(backbone, input_ids):
+    """The position ids the backbone gives real tokens when run without prefix."""
+    cfg = backbone.config
+    if cfg.model_type == "bert":
+        return torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids)
+    from transformers.models.roberta.modeling_roberta import create_position_ids_from_input_ids
+
+    return create_position_ids_from_input_ids(input_ids, cfg.pad_token_id)
+
+
+def _reference_with_past(backbone, module, input_ids, mask, token_types, position_ids):
+    """HF's legacy past_key_values path with the same prefix keys/values."""
+    B, P = input_ids.shape[0], module.num_virtual_tokens
+    heads = backbone.config.num_attention_heads
+    head_dim = backbone.kv_width // heads
+    past = tuple(
+        (
+            k.reshape(B, P, heads, head_dim).transpose(1, 2),
+            v.reshape(B, P, heads, head_dim).transpose(1, 2),
+        )
+        for k, v in module.prompts(B)
+    )
+    full_mask = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], dim=1)
+    kwargs = {"token_type_ids": token_types} if token_types is not None else {}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    out = backbone.model(
+        input_ids=input_ids, attention_mask=full_mask, past_key_values=past, **kwargs
+    )
+    return out.last_hidden_state
+
+
+@pytest.mark.parametrize("projection", [0, 24])
+def test_prefix_equals_past_key_values_reference(tiny_backbone, projection):
+    backbone = load_backbone(tiny_backbone)
+    module = PromptedEncoder(backbone, "prefix", num_virtual_tokens=5, prefix_projection=projection)
+    _randomise(module)
+    module.eval()
+    input_ids, mask, token_types = _encode(backbone, TEXTS)
+    with torch.no_grad():
+        ours = module(input_ids, mask, token_types)
+        ref = _reference_with_past(
+            backbone, module, input_ids, mask, token_types, _real_position_ids(backbone, input_ids)
+        )
+        plain = backbone.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert torch.allclose(ours[real], ref[real], atol=1e-5), (ours[real] - ref[real]).abs().max()
+    # The prefix really changes the representation.
+    assert (ours[real] - plain[real]).abs().max() > 1e-2
+
+
+def test_prefix_does_not_shift_positions(tiny_backbone):
+    """HF PEFT (and the P-Tuning v2 code) let the prefix shift BERT's position
+    ids by P; ours keeps the positions of a prefix-free run."""
+    backbone = load_backbone(tiny_backbone)
+    module = PromptedEncoder(backbone, "prefix", num_virtual_tokens=5)
+    _randomise(module)
+    module.eval()
+    input_ids, mask, token_types = _encode(backbone, TEXTS)
+    with torch.no_grad():
+        ours = module(input_ids, mask, token_types)
+        shifted = _reference_with_past(backbone, module, input_ids, mask, token_types, None)
+    real = mask.bool()
+    assert (ours[real] - shifted[real]).abs().max() > 1e-3
+
+
+def test_prefix_keeps_full_sequence_length(tiny_bert):
+    """A sequence of max_length wordpieces fits with any prefix length."""
+    backbone = load_backbone(tiny_bert)
+    n = backbone.max_length
+    assert n == 64
+    module = PromptedEncoder(backbone, "prefix", num_virtual_tokens=32)
+    assert module.max_length == n
+    input_ids = torch.randint(5, 50, (1, n))
+    mask = torch.ones(1, n, dtype=torch.long)
+    with torch.no_grad():
+        out = module(input_ids, mask)
+    assert out.shape == (1, n, backbone.hidden_width)
+    assert torch.isfinite(out).all()
+    prompt_module = PromptedEncoder(backbone, "prompt", num_virtual_tokens=8)
+    assert prompt_module.max_length == n - 8
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt_encoder", "prompt"])
+def test_output_drops_virtual_positions(tiny_bert, method):
+    backbone = load_backbone(tiny_bert)
+    module = PromptedEncoder(backbone, method, num_virtual_tokens=7)
+    input_ids, mask, token_types = _encode(backbone, TEXTS)
+    with torch.no_grad():
+        out = module(input_ids, mask, token_types)
+    assert out.shape == (*input_ids.shape, backbone.hidden_width)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt_encoder", "prompt"])
+def test_vectors_do_not_depend_on_batch_padding(tiny_backbone, method):
+    import spacy
+
+    nlp = spacy.blank("en")
+    model = ptuning_transformer_v1(backbone=tiny_backbone, method=method, num_virtual_tokens=6)
+    model.initialize()
+    from spacy_ptuning import get_module
+
+    _randomise(get_module(model), seed=3)
+    short = nlp("alice met bob")
+    longer = [nlp("the film was good and the plot was great , said carol in paris " * 2), nlp("a bank")]
+    alone = model.predict([short])[0]
+    batched = model.predict([short] + longer)[0]
+    assert alone.shape == (3, 32)
+    numpy.testing.assert_allclose(alone, batched, atol=1e-5)
