@@ -23,7 +23,7 @@ def _write_bert(path: Path, max_positions: int = 64) -> Path:
 
     path.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(WORDS))
-    vocab += [c for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-$"]
+    vocab += [c for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-$" if c not in vocab]
     vocab += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)

@@ -1,0 +1,146 @@
+"""Training through the spaCy components: frozen backbone, learning, logging."""
+import random
+
+import pytest
+import spacy
+import torch
+from spacy.training import Example
+from spacy.util import fix_random_seed
+
+from spacy_ptuning import get_module
+
+METHODS = ["prefix", "prompt_encoder", "prompt"]
+POS = ["good", "great", "love", "nice", "fine"]
+NEG = ["bad", "awful", "hate", "terrible", "poor"]
+FILLER = "the a movie film plot story actor scene today yesterday very really quite is was".split()
+PEOPLE = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy"]
+CITIES = ["paris", "london", "berlin", "rome", "madrid", "tokyo", "lima", "oslo", "cairo", "delhi"]
+
+
+def _tok2vec_cfg(backbone: str, method: str, n: int = 4) -> dict:
+    return {
+        "@architectures": "spacy_ptuning.PTuningTransformer.v1",
+        "backbone": backbone,
+        "method": method,
+        "num_virtual_tokens": n,
+    }
+
+
+def _sentiment_examples(nlp, n, seed):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        positive = i % 2 == 0
+        words = rng.sample(FILLER, 4) + [rng.choice(POS if positive else NEG)]
+        rng.shuffle(words)
+        cats = {"POS": float(positive), "NEG": float(not positive)}
+        out.append(Example.from_dict(nlp.make_doc(" ".join(words)), {"cats": cats}))
+    return out
+
+
+def _ner_examples(nlp, n, seed, people=PEOPLE, cities=CITIES):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        person, city = rng.choice(people), rng.choice(cities)
+        filler = rng.sample(FILLER, 2)
+        text = f"{person} {filler[0]} visited {city} {filler[1]}"
+        ents = [(0, len(person), "PER")]
+        start = text.index(f" {city} ") + 1
+        ents.append((start, start + len(city), "LOC"))
+        out.append(Example.from_dict(nlp.make_doc(text), {"entities": ents}))
+    return out
+
+
+def _train(nlp, examples, steps, lr=0.03):
+    from thinc.api import Adam
+
+    optimizer = Adam(lr)
+    losses_per_step = []
+    rng = random.Random(0)
+    for _ in range(steps):
+        batch = rng.sample(examples, min(16, len(examples)))
+        losses = {}
+        nlp.update(batch, sgd=optimizer, losses=losses, drop=0.0)
+        losses_per_step.append(sum(losses.values()))
+    return losses_per_step
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_backbone_frozen_while_prompts_and_head_train(tiny_bert, method):
+    fix_random_seed(0)
+    nlp = spacy.blank("en")
+    ner = nlp.add_pipe("ptuning_ner", config={"model": {"tok2vec": _tok2vec_cfg(tiny_bert, method)}})
+    examples = _ner_examples(nlp, 8, seed=0)
+    nlp.initialize(lambda: examples)
+    module = get_module(ner.model)
+    backbone = module.backbone.model
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    prompts_before = {k: v.clone() for k, v in module.state_dict().items()}
+    head_before = ner.model.get_ref("lower").get_param("W").copy()
+    _train(nlp, examples, steps=3)
+    for name, tensor in backbone.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert all(not p.requires_grad and p.grad is None for p in backbone.parameters())
+    # The backbone is not a registered submodule: nothing of it can reach the optimizer.
+    assert not any("embeddings" in name or "layer." in name for name, _ in module.named_parameters())
+    assert not backbone.training
+    changed = [not torch.equal(v, prompts_before[k]) for k, v in module.state_dict().items()]
+    assert all(changed), dict(zip(module.state_dict(), changed))
+    assert not (ner.model.get_ref("lower").get_param("W") == head_before).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_learns_sentiment(tiny_bert, method):
+    fix_random_seed(0)
+    nlp = spacy.blank("en")
+    textcat = nlp.add_pipe(
+        "ptuning_textcat", config={"model": {"tok2vec": _tok2vec_cfg(tiny_bert, method)}}
+    )
+    train = _sentiment_examples(nlp, 64, seed=1)
+    dev = _sentiment_examples(nlp, 40, seed=2)
+    nlp.initialize(lambda: train)
+    losses = _train(nlp, train, steps=50)
+    assert sum(losses[-5:]) < 0.6 * sum(losses[:5]), losses
+    scores = nlp.evaluate(dev)
+    assert textcat.name in nlp.pipe_names
+    assert scores["cats_macro_f"] > 0.75, scores  # chance is 0.5
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_learns_ner(tiny_bert, method):
+    fix_random_seed(0)
+    nlp = spacy.blank("en")
+    nlp.add_pipe("ptuning_ner", config={"model": {"tok2vec": _tok2vec_cfg(tiny_bert, method)}})
+    train = _ner_examples(nlp, 64, seed=3)
+    dev = _ner_examples(nlp, 30, seed=4)
+    nlp.initialize(lambda: train)
+    losses = _train(nlp, train, steps=40)
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5]), losses
+    scores = nlp.evaluate(dev)
+    assert scores["ents_f"] > 0.5, scores  # predicting nothing scores 0
+
+
+def test_initialize_logs_trainable_share(tiny_bert, capsys):
+    fix_random_seed(0)
+    nlp = spacy.blank("en")
+    nlp.add_pipe("ptuning_textcat", config={"model": {"tok2vec": _tok2vec_cfg(tiny_bert, "prefix", 8)}})
+    nlp.initialize(lambda: _sentiment_examples(nlp, 4, seed=0))
+    out = capsys.readouterr().out
+    # 8 tokens x 2 layers x (key + value) x 32 = 1024 prefix parameters.
+    assert "ptuning_textcat: training" in out and "method=prefix, length=8" in out
+    module = get_module(nlp.get_pipe("ptuning_textcat").model)
+    assert sum(p.numel() for p in module.parameters()) == 8 * 2 * 2 * 32
+
+
+def test_multilabel_factory(tiny_bert):
+    fix_random_seed(0)
+    nlp = spacy.blank("en")
+    nlp.add_pipe(
+        "ptuning_textcat_multilabel", config={"model": {"tok2vec": _tok2vec_cfg(tiny_bert, "prefix")}}
+    )
+    train = _sentiment_examples(nlp, 8, seed=0)
+    nlp.initialize(lambda: train)
+    _train(nlp, train, steps=2)
+    cats = nlp("a good film").cats
+    assert set(cats) == {"POS", "NEG"}
