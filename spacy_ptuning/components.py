@@ -8,6 +8,7 @@ from spacy.training import Example
 from thinc.api import Config, Model
 from wasabi import msg
 
+from .errors import Errors
 from .model import get_module
 
 logger = logging.getLogger("spacy_ptuning")
@@ -98,7 +99,32 @@ def _announce(component) -> None:
     msg.info(line)
 
 
-class PTuningEntityRecognizer(EntityRecognizer):
+class _AdapterLoading:
+    """Turn low-level read errors of a saved component into a clear message."""
+
+    def from_disk(self, path, *, exclude=tuple()):
+        try:
+            return super().from_disk(path, exclude=exclude)
+        except OSError:
+            raise
+        except Exception as e:
+            raise _load_error(e, f"{path}") from e
+
+    def from_bytes(self, bytes_data, *, exclude=tuple()):
+        try:
+            return super().from_bytes(bytes_data, exclude=exclude)
+        except Exception as e:
+            raise _load_error(e, "bytes") from e
+
+
+def _load_error(error: Exception, where: str) -> Exception:
+    if str(error).startswith("[E0"):  # already one of ours
+        return error
+    detail = f"{type(error).__name__}: {error} (reading {where})"
+    return ValueError(Errors.E008.format(detail=detail))
+
+
+class PTuningEntityRecognizer(_AdapterLoading, EntityRecognizer):
     """spaCy's EntityRecognizer over a P-tuned frozen transformer."""
 
     def initialize(self, get_examples: Callable[[], Iterable[Example]], *, nlp=None, labels=None):
@@ -106,7 +132,7 @@ class PTuningEntityRecognizer(EntityRecognizer):
         _announce(self)
 
 
-class PTuningTextCategorizer(TextCategorizer):
+class PTuningTextCategorizer(_AdapterLoading, TextCategorizer):
     """spaCy's TextCategorizer over a P-tuned frozen transformer."""
 
     def initialize(self, get_examples, *, nlp=None, labels=None, positive_label=None):
@@ -114,7 +140,7 @@ class PTuningTextCategorizer(TextCategorizer):
         _announce(self)
 
 
-class PTuningMultiLabelTextCategorizer(MultiLabel_TextCategorizer):
+class PTuningMultiLabelTextCategorizer(_AdapterLoading, MultiLabel_TextCategorizer):
     """spaCy's multi-label TextCategorizer over a P-tuned frozen transformer."""
 
     def initialize(self, get_examples, *, nlp=None, labels=None):
