@@ -66,4 +66,22 @@ def ptuning_transformer_v1(
         trfs2arrays(pooling, grad_factor),
     )
     model.set_dim("nO", shared.hidden_width)
-    return model
+    return _allow_empty_batches(model)
+
+
+def _allow_empty_batches(model: Model[List[Doc], List[Floats2d]]) -> Model[List[Doc], List[Floats2d]]:
+    """Answer a batch of only empty docs with (0, nO) arrays (trfs2arrays
+    cannot pool an empty batch)."""
+
+    def forward(outer: Model, docs: List[Doc], is_train: bool):
+        if all(len(doc) == 0 for doc in docs):
+            width = outer.get_dim("nO")
+            return [outer.ops.alloc2f(0, width) for _ in docs], lambda d_outputs: docs
+        return model(docs, is_train)
+
+    return Model(
+        "ptuning-tok2vec",
+        forward,
+        layers=[model],
+        dims={"nO": model.get_dim("nO")},
+    )

@@ -12,7 +12,7 @@ import srsly
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from spacy.tokens import Doc
+from spacy.tokens import Doc, Span
 from spacy_transformers.align import get_alignment, get_alignment_via_offset_mapping
 from spacy_transformers.data_classes import FullTransformerBatch, WordpieceBatch
 from spacy_transformers.layers.transformer_model import huggingface_tokenize
@@ -236,7 +236,13 @@ def _transformer_forward(
     flat_spans = [span for doc_spans in nested_spans for span in doc_spans]
     if not flat_spans:  # only empty docs
         return FullTransformerBatch.empty(len(docs)), lambda d_output: docs
-    batch_encoding = huggingface_tokenize(tokenizer, [span.text for span in flat_spans])
+    while True:
+        batch_encoding = huggingface_tokenize(tokenizer, [span.text for span in flat_spans])
+        lengths = batch_encoding["attention_mask"].sum(axis=1)
+        nested_spans, changed = _split_oversize(nested_spans, lengths, module.max_length)
+        if not changed:
+            break
+        flat_spans = [span for doc_spans in nested_spans for span in doc_spans]
     wordpieces = WordpieceBatch.from_batch_encoding(batch_encoding)
     if "offset_mapping" in batch_encoding:
         align = get_alignment_via_offset_mapping(flat_spans, batch_encoding["offset_mapping"])
@@ -253,3 +259,24 @@ def _transformer_forward(
         return docs
 
     return output, backprop
+
+
+def _split_oversize(
+    nested_spans: List[List[Span]], lengths, max_length: int
+) -> Tuple[List[List[Span]], bool]:
+    """Halve every span of several tokens whose wordpieces exceed max_length,
+    so that every token gets a vector; single oversize tokens are left to
+    spacy-transformers' truncate_oversize_splits."""
+    result, i, changed = [], 0, False
+    for doc_spans in nested_spans:
+        fitted = []
+        for span in doc_spans:
+            if lengths[i] > max_length and len(span) > 1:
+                middle = len(span) // 2
+                fitted.extend([span[:middle], span[middle:]])
+                changed = True
+            else:
+                fitted.append(span)
+            i += 1
+        result.append(fitted)
+    return result, changed

@@ -1,0 +1,82 @@
+"""Bad input gets a clear error or a correct empty result, never a crash."""
+import numpy
+import pytest
+import spacy
+from spacy.training import Example
+from spacy.util import fix_random_seed
+
+from spacy_ptuning import load_backbone
+from spacy_ptuning.architectures import ptuning_transformer_v1
+
+
+@pytest.fixture(scope="module")
+def ner_nlp(tiny_bert):
+    fix_random_seed(0)
+    nlp = spacy.blank("en")
+    nlp.add_pipe(
+        "ptuning_ner",
+        config={"model": {"tok2vec": {"@architectures": "spacy_ptuning.PTuningTransformer.v1", "backbone": tiny_bert, "num_virtual_tokens": 4}}},
+    )
+    ex = Example.from_dict(nlp.make_doc("alice visited paris"), {"entities": [(0, 5, "PER")]})
+    nlp.initialize(lambda: [ex])
+    return nlp
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt_encoder", "prompt"])
+def test_empty_whitespace_and_long_docs(tiny_bert, method):
+    nlp = spacy.blank("en")
+    model = ptuning_transformer_v1(backbone=tiny_bert, method=method, num_virtual_tokens=4)
+    model.initialize()
+    long_text = " ".join(["alice visited paris with bob"] * 400)  # 2,000 tokens >> 64 positions
+    docs = [nlp(""), nlp("   \n "), nlp(long_text), nlp("a " + "x" * 300), nlp("good")]
+    outputs = model.predict(docs)
+    assert [o.shape[0] for o in outputs] == [len(d) for d in docs]
+    assert all(numpy.isfinite(o).all() for o in outputs)
+    # Every token of the long doc got a real (non-zero) vector from some window.
+    assert (numpy.abs(outputs[2]).sum(axis=1) > 0).all()
+    assert model.predict([nlp("")])[0].shape[0] == 0  # a batch of only empty docs
+
+
+def test_pipeline_handles_empty_and_long_docs(ner_nlp):
+    texts = ["", "   ", " ".join(["carol met dave in rome ."] * 300)]
+    docs = list(ner_nlp.pipe(texts))
+    assert [len(d) for d in docs] == [0, 1, 1800]
+    losses = {}
+    examples = [Example.from_dict(ner_nlp.make_doc(t), {"entities": []}) for t in texts]
+    ner_nlp.update(examples, losses=losses)
+    assert numpy.isfinite(losses["ptuning_ner"])
+
+
+def test_missing_backbone_names_it_and_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match=r"\[E001\].*no-such-org/no-such-model") as info:
+        load_backbone("no-such-org/no-such-model")
+    assert "local folder" in str(info.value) and "spacy.load" in str(info.value)
+    with pytest.raises(OSError, match=r"\[E001\].*/nowhere/model"):
+        load_backbone("/nowhere/model")
+
+
+def test_missing_backbone_from_add_pipe(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    nlp = spacy.blank("en")
+    with pytest.raises(OSError, match=r"\[E001\]"):
+        nlp.add_pipe("ptuning_ner", config={"model": {"tok2vec": {"backbone": "/nowhere/model"}}})
+    assert nlp.pipe_names == []
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    from transformers import GPT2Config, GPT2Model
+
+    GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"\[E002\].*gpt2.*Supported: .*bert"):
+        load_backbone(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "kwargs,code",
+    [({"method": "lora"}, "E003"), ({"num_virtual_tokens": 0}, "E004"),
+     ({"method": "prompt_encoder", "prompt_encoder": "gru"}, "E005"), ({"dtype": "int8"}, "E009")],
+)
+def test_bad_settings(tiny_bert, kwargs, code):
+    with pytest.raises(ValueError, match=code):
+        ptuning_transformer_v1(backbone=tiny_bert, **kwargs)
