@@ -1,0 +1,55 @@
+"""The shipped configs train with `spacy train` (tiny backbone swapped in)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import spacy
+from spacy.tokens import DocBin
+
+from spacy_ptuning import get_module
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+SENTS = [
+    ("alice visited paris today", [(0, 5, "PER"), (14, 19, "LOC")], "POS"),
+    ("bob hated the film in london", [(0, 3, "PER"), (22, 28, "LOC")], "NEG"),
+    ("carol loves rome", [(0, 5, "PER"), (12, 16, "LOC")], "POS"),
+    ("an awful plot , said dave", [(21, 25, "PER")], "NEG"),
+]
+
+
+def _write_corpus(path: Path) -> Path:
+    nlp = spacy.blank("en")
+    db = DocBin()
+    for text, ents, label in SENTS * 3:
+        doc = nlp.make_doc(text)
+        doc.ents = [doc.char_span(s, e, label=l) for s, e, l in ents]
+        doc.cats = {"POS": float(label == "POS"), "NEG": float(label == "NEG")}
+        db.add(doc)
+    db.to_disk(path)
+    return path
+
+
+@pytest.mark.parametrize("config,components", [
+    ("ner.cfg", ["ner"]), ("textcat.cfg", ["textcat"]), ("multitask.cfg", ["ner", "textcat"]),
+])
+def test_spacy_train_cli(tiny_bert, tmp_path, config, components):
+    corpus = _write_corpus(tmp_path / "train.spacy")
+    overrides = [
+        "--paths.train", str(corpus), "--paths.dev", str(corpus),
+        "--training.max_steps", "6", "--training.eval_frequency", "3",
+        "--training.optimizer.learn_rate.warmup_steps", "1",
+    ]
+    for name in components:
+        overrides += [f"--components.{name}.model.tok2vec.backbone", tiny_bert]
+    cmd = [sys.executable, "-m", "spacy", "train", str(CONFIGS / config), "--output", str(tmp_path / "out"), *overrides]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "training" in result.stdout and "method=prefix" in result.stdout
+    nlp = spacy.load(tmp_path / "out" / "model-last")
+    assert nlp.pipe_names == components
+    modules = [get_module(nlp.get_pipe(n).model) for n in components]
+    assert len({id(m.backbone) for m in modules}) == 1  # one backbone for all adapters
+    doc = nlp("alice visited paris")
+    if "textcat" in components:
+        assert set(doc.cats) == {"POS", "NEG"}
