@@ -18,8 +18,9 @@ WORDS = (
 ).split()
 
 
-def _write_bert(path: Path, max_positions: int = 64) -> Path:
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+def _write_bert(path: Path, max_positions: int = 64, model_type: str = "bert") -> Path:
+    """A BERT-family model (bert, electra) with a WordPiece tokenizer made here."""
+    from transformers import AutoConfig, AutoModel, BertTokenizerFast
 
     path.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(WORDS))
@@ -29,7 +30,10 @@ def _write_bert(path: Path, max_positions: int = 64) -> Path:
     tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
     tok.model_max_length = max_positions
     torch.manual_seed(0)
-    cfg = BertConfig(
+    extra = {"embedding_size": 24} if model_type == "electra" else {}
+    cfg = AutoConfig.for_model(
+        model_type,
+        **extra,
         vocab_size=len(vocab),
         hidden_size=32,
         num_hidden_layers=2,
@@ -38,14 +42,16 @@ def _write_bert(path: Path, max_positions: int = 64) -> Path:
         max_position_embeddings=max_positions,
         type_vocab_size=2,
     )
-    BertModel(cfg).save_pretrained(path)
+    AutoModel.from_config(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
 
-def _write_roberta(path: Path) -> Path:
+def _write_roberta(path: Path, model_type: str = "roberta") -> Path:
+    """A RoBERTa-family model (roberta, xlm-roberta, camembert) with a small
+    byte-level BPE tokenizer trained here."""
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
+    from transformers import AutoConfig, AutoModel, RobertaTokenizerFast
 
     path.mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
@@ -61,7 +67,8 @@ def _write_roberta(path: Path) -> Path:
     )
     tok.model_max_length = 62
     torch.manual_seed(0)
-    cfg = RobertaConfig(
+    cfg = AutoConfig.for_model(
+        model_type,
         vocab_size=len(json.loads((path / "vocab.json").read_text())),
         hidden_size=32,
         num_hidden_layers=2,
@@ -73,7 +80,7 @@ def _write_roberta(path: Path) -> Path:
         eos_token_id=2,
         type_vocab_size=1,
     )
-    RobertaModel(cfg).save_pretrained(path)
+    AutoModel.from_config(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -101,6 +108,27 @@ def other_tiny_bert(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_electra(tmp_path_factory) -> str:
+    return str(_write_bert(tmp_path_factory.mktemp("tiny-electra"), model_type="electra"))
+
+
+@pytest.fixture(scope="session")
+def tiny_xlm_roberta(tmp_path_factory) -> str:
+    return str(_write_roberta(tmp_path_factory.mktemp("tiny-xlmr"), "xlm-roberta"))
+
+
+@pytest.fixture(scope="session")
+def tiny_camembert(tmp_path_factory) -> str:
+    return str(_write_roberta(tmp_path_factory.mktemp("tiny-camembert"), "camembert"))
+
+
 @pytest.fixture(params=["tiny_bert", "tiny_roberta"])
 def tiny_backbone(request) -> str:
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(params=["tiny_bert", "tiny_roberta", "tiny_electra", "tiny_xlm_roberta", "tiny_camembert"])
+def any_tiny_backbone(request) -> str:
+    """Every architecture family spacy-ptuning supports."""
     return request.getfixturevalue(request.param)
