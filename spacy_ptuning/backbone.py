@@ -159,7 +159,10 @@ def load_backbone(
     if dtype not in DTYPES:
         raise ValueError(Errors.E009.format(dtype=dtype))
     device = torch.device(device if device is not None else get_torch_default_device())
-    key = (name, revision, dtype, str(device))
+    path = resolve_backbone_path(name)
+    # The alias, a relative path and an absolute path to one folder are one backbone.
+    identity = os.path.realpath(path) if os.path.isdir(path) else name
+    key = (identity, revision, dtype, str(device))
     with _lock:
         backbone = _cache.get(key)
         if backbone is None:

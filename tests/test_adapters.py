@@ -205,3 +205,36 @@ def test_add_saved_adapter_to_running_pipeline(tiny_bert, tmp_path):
     expected = ner_nlp("alice visited paris today")
     assert [(e.text, e.label_) for e in doc.ents] == [(e.text, e.label_) for e in expected.ents]
     assert set(doc.cats) == {"POS", "NEG"}
+
+
+def test_alias_and_paths_to_one_folder_are_one_backbone(tiny_bert, monkeypatch):
+    import os
+
+    monkeypatch.chdir(os.path.dirname(tiny_bert))
+    relative = os.path.join(".", os.path.basename(tiny_bert))
+    assert load_backbone(relative) is load_backbone(tiny_bert)
+    assert load_backbone(tiny_bert, dtype="bfloat16") is not load_backbone(tiny_bert)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_bfloat16_backbone_with_float32_prompts(tiny_bert, method):
+    fp32, _ = _pipeline(tiny_bert, method=method)
+    model = fp32.get_pipe("ptuning_ner").model
+    cfg = fp32.config.copy()
+    cfg["components"]["ptuning_ner"]["model"]["tok2vec"]["dtype"] = "bfloat16"
+    half = spacy.blank("en").from_config(cfg).from_bytes(fp32.to_bytes())
+    half_module = get_module(half.get_pipe("ptuning_ner").model)
+    assert half_module.backbone.model.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in half_module.parameters())
+    docs = [half.make_doc(t) for t in TEXTS]
+    a = model.get_ref("tok2vec").predict(docs)
+    b = half.get_pipe("ptuning_ner").model.get_ref("tok2vec").predict(docs)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype == numpy.float32
+        numpy.testing.assert_allclose(x, y, atol=0.1)
+    # It trains: prompts (float32) change, the bfloat16 backbone does not.
+    before = {k: v.clone() for k, v in half_module.state_dict().items()}
+    examples = [Example.from_dict(half.make_doc("alice visited paris"), {"entities": [(0, 5, "PER")]})]
+    half.update(examples, sgd=Adam(0.05))
+    assert any(not torch.equal(v, before[k]) for k, v in half_module.state_dict().items())
+    assert all(p.grad is None for p in half_module.backbone.model.parameters())
