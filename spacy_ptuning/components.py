@@ -1,17 +1,15 @@
 """Pipeline factories: spaCy's NER / textcat heads over a P-tuned backbone."""
-import logging
 from typing import Callable, Iterable, List, Optional
 
 from spacy.language import Language
 from spacy.pipeline import EntityRecognizer, MultiLabel_TextCategorizer, TextCategorizer
 from spacy.training import Example
+from spacy.util import logger
 from thinc.api import Config, Model
-from wasabi import msg
 
 from .errors import Errors
 from .model import get_module
 
-logger = logging.getLogger("spacy_ptuning")
 
 PTUNING_TOK2VEC = """
 [model.tok2vec]
@@ -94,9 +92,7 @@ def _human(n: int) -> str:
 
 
 def _announce(component) -> None:
-    line = trainable_summary(component.name, component.model)
-    logger.info(line)
-    msg.info(line)
+    logger.info(trainable_summary(component.name, component.model))
 
 
 class _AdapterLoading:

@@ -106,23 +106,21 @@ class PromptedEncoder(torch.nn.Module):
         P = self.num_virtual_tokens
         ones = attention_mask.new_ones((batch_size, P))
         mask = torch.cat([ones, attention_mask], dim=1)
+        extra = {}
         if self.method == "prefix":
             # Real tokens keep their own inputs, positions and token types; only
             # the keys/values (and the mask over them) grow by P.
+            if token_type_ids is not None and self.backbone.takes_token_types:
+                extra["token_type_ids"] = token_type_ids
             with injected_prefix(self.backbone, self.prompts(batch_size)):
-                output = model(
-                    input_ids=input_ids, attention_mask=mask, token_type_ids=token_type_ids
-                )
+                output = model(input_ids=input_ids, attention_mask=mask, **extra)
             return output.last_hidden_state.float()
         embeds = model.get_input_embeddings()(input_ids)
         virtual = self.prompts(batch_size).to(embeds.dtype)
-        if token_type_ids is not None:
-            token_type_ids = torch.cat([token_type_ids.new_zeros((batch_size, P)), token_type_ids], 1)
-        output = model(
-            inputs_embeds=torch.cat([virtual, embeds], dim=1),
-            attention_mask=mask,
-            token_type_ids=token_type_ids,
-        )
+        if token_type_ids is not None and self.backbone.takes_token_types:
+            zeros = token_type_ids.new_zeros((batch_size, P))
+            extra["token_type_ids"] = torch.cat([zeros, token_type_ids], dim=1)
+        output = model(inputs_embeds=torch.cat([virtual, embeds], dim=1), attention_mask=mask, **extra)
         # Drop the virtual positions before alignment to spaCy tokens.
         return output.last_hidden_state[:, P:].float()
 

@@ -18,29 +18,40 @@ WORDS = (
 ).split()
 
 
+TINY_EXTRA = {
+    "electra": {"embedding_size": 24},
+    "albert": {"embedding_size": 16, "num_hidden_groups": 1, "hidden_act": "gelu"},
+    "distilbert": {},
+    "mpnet": {"pad_token_id": 1},
+}
+
+
 def _write_bert(path: Path, max_positions: int = 64, model_type: str = "bert") -> Path:
-    """A BERT-family model (bert, electra) with a WordPiece tokenizer made here."""
+    """A model with a WordPiece tokenizer made here: bert, electra, albert,
+    distilbert or mpnet (MPNet's embeddings hard-code padding index 1)."""
     from transformers import AutoConfig, AutoModel, BertTokenizerFast
 
     path.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(WORDS))
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    if model_type == "mpnet":
+        specials = ["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]"]
+    vocab = specials + sorted(set(WORDS))
     vocab += [c for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-$" if c not in vocab]
     vocab += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
     tok.model_max_length = max_positions
     torch.manual_seed(0)
-    extra = {"embedding_size": 24} if model_type == "electra" else {}
+    sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+    if model_type == "distilbert":
+        sizes = {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 64}
     cfg = AutoConfig.for_model(
         model_type,
-        **extra,
         vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
         max_position_embeddings=max_positions,
-        type_vocab_size=2,
+        **sizes,
+        **({"type_vocab_size": 2} if model_type in ("bert", "electra", "albert") else {}),
+        **TINY_EXTRA.get(model_type, {}),
     )
     AutoModel.from_config(cfg).save_pretrained(path)
     tok.save_pretrained(path)
@@ -114,6 +125,21 @@ def tiny_electra(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_albert(tmp_path_factory) -> str:
+    return str(_write_bert(tmp_path_factory.mktemp("tiny-albert"), model_type="albert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_distilbert(tmp_path_factory) -> str:
+    return str(_write_bert(tmp_path_factory.mktemp("tiny-distilbert"), model_type="distilbert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_mpnet(tmp_path_factory) -> str:
+    return str(_write_bert(tmp_path_factory.mktemp("tiny-mpnet"), model_type="mpnet"))
+
+
+@pytest.fixture(scope="session")
 def tiny_xlm_roberta(tmp_path_factory) -> str:
     return str(_write_roberta(tmp_path_factory.mktemp("tiny-xlmr"), "xlm-roberta"))
 
@@ -128,7 +154,20 @@ def tiny_backbone(request) -> str:
     return request.getfixturevalue(request.param)
 
 
-@pytest.fixture(params=["tiny_bert", "tiny_roberta", "tiny_electra", "tiny_xlm_roberta", "tiny_camembert"])
+# Families whose HF code still has the legacy past_key_values path (the
+# reference for prefix equivalence); the others are checked against a reference
+# attention written in tests/test_architectures.py.
+PAST_KV_TINY = ["tiny_bert", "tiny_roberta", "tiny_electra", "tiny_xlm_roberta", "tiny_camembert"]
+ALL_TINY = PAST_KV_TINY + ["tiny_albert", "tiny_distilbert", "tiny_mpnet"]
+
+
+@pytest.fixture(params=PAST_KV_TINY)
+def past_kv_backbone(request) -> str:
+    return request.getfixturevalue(request.param)
+
+
+
+@pytest.fixture(params=ALL_TINY)
 def any_tiny_backbone(request) -> str:
     """Every architecture family spacy-ptuning supports."""
     return request.getfixturevalue(request.param)

@@ -45,7 +45,8 @@ def test_spacy_train_cli(tiny_bert, tmp_path, config, components):
     cmd = [sys.executable, "-m", "spacy", "train", str(CONFIGS / config), "--output", str(tmp_path / "out"), *overrides]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "training" in result.stdout and "method=prefix" in result.stdout
+    log = result.stdout + result.stderr
+    assert f"{components[0]}: training" in log and "method=prefix" in log
     nlp = spacy.load(tmp_path / "out" / "model-last")
     assert nlp.pipe_names == components
     modules = [get_module(nlp.get_pipe(n).model) for n in components]

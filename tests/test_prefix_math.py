@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from spacy_ptuning import PromptedEncoder, load_backbone
-from spacy_ptuning.backbone import PADDING_OFFSET_POSITIONS
+from spacy_ptuning.backbone import FAMILIES
 from spacy_ptuning.architectures import ptuning_transformer_v1
 
 TEXTS = ["alice met bob in paris today", "the film", "good movie , really great plot and actor"]
@@ -25,7 +25,7 @@ def _randomise(module: PromptedEncoder, seed: int = 1) -> None:
 def _real_position_ids(backbone, input_ids):
     """The position ids the backbone gives real tokens when run without prefix."""
     cfg = backbone.config
-    if cfg.model_type not in PADDING_OFFSET_POSITIONS:
+    if not FAMILIES[cfg.model_type].position_offset:
         return torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids)
     from transformers.models.roberta.modeling_roberta import create_position_ids_from_input_ids
 
@@ -55,8 +55,8 @@ def _reference_with_past(backbone, module, input_ids, mask, token_types, positio
 
 
 @pytest.mark.parametrize("projection", [0, 24])
-def test_prefix_equals_past_key_values_reference(any_tiny_backbone, projection):
-    backbone = load_backbone(any_tiny_backbone)
+def test_prefix_equals_past_key_values_reference(past_kv_backbone, projection):
+    backbone = load_backbone(past_kv_backbone)
     module = PromptedEncoder(backbone, "prefix", num_virtual_tokens=5, prefix_projection=projection)
     _randomise(module)
     module.eval()
