@@ -4,7 +4,6 @@ from typing import Callable, Iterable, List, Optional
 from spacy.language import Language
 from spacy.pipeline import EntityRecognizer, MultiLabel_TextCategorizer, TextCategorizer
 from spacy.training import Example
-from spacy.util import logger
 from thinc.api import Config, Model
 
 from .errors import Errors
@@ -92,7 +91,9 @@ def _human(n: int) -> str:
 
 
 def _announce(component) -> None:
-    logger.info(trainable_summary(component.name, component.model))
+    """Say what trains, visibly at the start of `spacy train` (spaCy's logger
+    only shows INFO with --verbose), as one unwrapped line."""
+    print(f"ℹ {trainable_summary(component.name, component.model)}", flush=True)
 
 
 class _AdapterLoading:

@@ -121,25 +121,13 @@ def test_each_method_learns_ner(tiny_bert, method):
     assert scores["ents_f"] > 0.5, scores  # predicting nothing scores 0
 
 
-def test_initialize_logs_trainable_share(tiny_bert):
-    import logging
-
-    from spacy.util import logger
-
-    records = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: records.append(record.getMessage())
-    previous = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        nlp = spacy.blank("en")
-        nlp.add_pipe("ptuning_textcat", config={"model": {"tok2vec": _tok2vec_cfg(tiny_bert, "prefix", 8)}})
-        nlp.initialize(lambda: _sentiment_examples(nlp, 4, seed=0))
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous)
-    out = "\n".join(records)
+def test_initialize_logs_trainable_share(tiny_bert, capsys):
+    nlp = spacy.blank("en")
+    nlp.add_pipe("ptuning_textcat", config={"model": {"tok2vec": _tok2vec_cfg(tiny_bert, "prefix", 8)}})
+    nlp.initialize(lambda: _sentiment_examples(nlp, 4, seed=0))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "training" in line]
+    assert len(lines) == 1
+    out = lines[0]
     # 8 tokens x 2 layers x (key + value) x 32 = 1024 prefix parameters.
     assert "ptuning_textcat: training" in out and "method=prefix, length=8" in out
     module = get_module(nlp.get_pipe("ptuning_textcat").model)
