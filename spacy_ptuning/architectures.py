@@ -26,6 +26,7 @@ def ptuning_transformer_v1(
     grad_factor: float = 1.0,
     revision: Optional[str] = None,
     dtype: str = "float32",
+    max_batch_tokens: int = 4096,
 ) -> Model[List[Doc], List[Floats2d]]:
     """A frozen, shared Hugging Face encoder with trainable continuous prompts,
     usable as the tok2vec of any spaCy component: one vector per token.
@@ -46,6 +47,9 @@ def ptuning_transformer_v1(
     revision: HF revision of the backbone.
     dtype: backbone weights dtype: float32, bfloat16 or float16 (prompts
         always train in float32).
+    max_batch_tokens: the backbone runs on length-sorted groups of similar
+        length of at most this many padded wordpieces (less padding);
+        0 sends the whole batch padded to its longest sequence.
     """
     shared = load_backbone(backbone, revision=revision, dtype=dtype)
     module = PromptedEncoder(
@@ -55,6 +59,7 @@ def ptuning_transformer_v1(
         prefix_projection=prefix_projection,
         prompt_encoder=prompt_encoder,
         prompt_dropout=prompt_dropout,
+        max_batch_tokens=max_batch_tokens,
     )
     if get_spans is None:
         get_spans = configure_strided_spans(window=128, stride=96)

@@ -44,6 +44,7 @@ class PromptedEncoder(torch.nn.Module):
         prefix_projection: int = 0,
         prompt_encoder: str = "lstm",
         prompt_dropout: float = 0.0,
+        max_batch_tokens: int = 4096,
     ):
         super().__init__()
         if method not in METHODS:
@@ -51,6 +52,10 @@ class PromptedEncoder(torch.nn.Module):
         if num_virtual_tokens < 1:
             raise ValueError(Errors.E004.format(n=num_virtual_tokens))
         self._backbone = [backbone]  # a list, so torch does not register it
+        self.max_batch_tokens = max_batch_tokens
+        # Padding efficiency: real wordpieces / positions sent to the backbone.
+        self.tokens_real = 0
+        self.tokens_sent = 0
         self.method = method
         self.num_virtual_tokens = num_virtual_tokens
         P = num_virtual_tokens
@@ -101,6 +106,40 @@ class PromptedEncoder(torch.nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """Run the backbone on length-sorted groups of similar length (less
+        padding), and return the hidden states in the input order and shape
+        (batch, length, width); padding positions hold zeros."""
+        lengths = [int(n) for n in attention_mask.sum(dim=1).tolist()]
+        batch_size, width = input_ids.shape
+        self.tokens_real += int(sum(lengths))
+        if self.max_batch_tokens <= 0 or self.backbone.tokenizer.padding_side != "right":
+            self.tokens_sent += batch_size * width
+            return self._encode(input_ids, attention_mask, token_type_ids)
+        groups = length_groups(lengths, self.max_batch_tokens)
+        outputs, order = [], []
+        for group in groups:
+            n = max(1, max(lengths[i] for i in group))
+            index = torch.tensor(group, device=input_ids.device)
+            types = token_type_ids[index, :n] if token_type_ids is not None else None
+            hidden = self._encode(input_ids[index, :n], attention_mask[index, :n], types)
+            self.tokens_sent += len(group) * n
+            outputs.append(torch.nn.functional.pad(hidden, (0, 0, 0, width - n)))
+            order.extend(group)
+        hidden = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        if order != sorted(order):
+            inverse = torch.empty(len(order), dtype=torch.long, device=hidden.device)
+            inverse[torch.tensor(order, device=hidden.device)] = torch.arange(
+                len(order), device=hidden.device
+            )
+            hidden = hidden[inverse]
+        return hidden
+
+    def _encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         model = self.backbone.model
         batch_size = input_ids.shape[0]
         P = self.num_virtual_tokens
@@ -123,6 +162,26 @@ class PromptedEncoder(torch.nn.Module):
         output = model(inputs_embeds=torch.cat([virtual, embeds], dim=1), attention_mask=mask, **extra)
         # Drop the virtual positions before alignment to spaCy tokens.
         return output.last_hidden_state[:, P:].float()
+
+
+def length_groups(lengths: List[int], max_tokens: int, max_ratio: float = 1.5) -> List[List[int]]:
+    """Indices grouped by similar length, shortest first: a group closes when
+    its padded size would pass max_tokens or its longest sequence would be
+    more than max_ratio times its shortest."""
+    groups: List[List[int]] = []
+    current: List[int] = []
+    shortest = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        n = max(1, lengths[i])
+        if current and ((len(current) + 1) * n > max_tokens or n > max_ratio * shortest):
+            groups.append(current)
+            current = []
+        if not current:
+            shortest = n
+        current.append(i)
+    if current:
+        groups.append(current)
+    return groups
 
 
 class AdapterShim(PyTorchShim):

@@ -131,3 +131,33 @@ def test_vectors_do_not_depend_on_batch_padding(any_tiny_backbone, method):
     batched = model.predict([short] + longer)[0]
     assert alone.shape == (3, 32)
     numpy.testing.assert_allclose(alone, batched, atol=1e-5)
+
+
+def test_length_groups():
+    from spacy_ptuning.model import length_groups
+
+    groups = length_groups([30, 3, 4, 31, 10, 0], max_tokens=64)
+    assert [i for g in groups for i in g] == [5, 1, 2, 4, 0, 3]  # shortest first
+    for g in groups:  # within budget (or a single sequence), similar lengths
+        lens = [max(1, [30, 3, 4, 31, 10, 0][i]) for i in g]
+        assert len(g) == 1 or len(g) * max(lens) <= 64
+        assert max(lens) <= 1.5 * min(lens)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_length_grouping_changes_nothing_but_padding(tiny_bert, method):
+    backbone = load_backbone(tiny_bert)
+    texts = ["a", "alice met bob in paris today and then visited london", "the film", "good"]
+    input_ids, mask, token_types = _encode(backbone, texts)
+    grouped = PromptedEncoder(backbone, method, num_virtual_tokens=3, max_batch_tokens=8)
+    _randomise(grouped)
+    one = grouped._encode(input_ids, mask, token_types)  # one padded batch
+    many = grouped(input_ids, mask, token_types)
+    real = mask.bool()
+    assert torch.allclose(one[real], many[real], atol=1e-5)
+    assert (many[~real] == 0).all()
+    assert grouped.tokens_sent < input_ids.numel()
+    assert grouped.tokens_real == int(mask.sum())
+    # Gradients reach the prompts through the regrouping.
+    many[real].sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in grouped.parameters())
