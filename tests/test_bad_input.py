@@ -80,3 +80,14 @@ def test_unsupported_architecture_lists_supported(tmp_path):
 def test_bad_settings(tiny_bert, kwargs, code):
     with pytest.raises(ValueError, match=code):
         ptuning_transformer_v1(backbone=tiny_bert, **kwargs)
+
+
+def test_twenty_thousand_token_doc(tiny_bert):
+    nlp = spacy.blank("en")
+    model = ptuning_transformer_v1(backbone=tiny_bert, num_virtual_tokens=4)
+    model.initialize()
+    doc = nlp(" ".join(["carol met dave in rome today ."] * 2858)[:-1] + "!")
+    assert len(doc) >= 20_000
+    (vectors,) = model.predict([doc])
+    assert vectors.shape == (len(doc), 32)
+    assert (numpy.abs(vectors).sum(axis=1) > 0).all()
