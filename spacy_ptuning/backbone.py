@@ -33,9 +33,16 @@ class Family:
 
     key, value: name suffixes of each layer's key / value projection modules
         (the checkpoint format fixes these names).
-    bias_module, bias_arg: a module whose additive attention-bias argument
-        (relative position bias, shape (..., L, L)) must get zero columns for
-        the prefix keys.
+    attention: name suffix of the self-attention module, for families whose
+        attention takes (L, L)-shaped arguments: ``pad_args`` names them and
+        the value their prefix columns get (0 for an additive position bias,
+        1 for a keep-mask). Prefix keys have no position, so they get no
+        relative-position term.
+    relative_bias: name of the attention module's method that computes the
+        relative-position scores from the keys (DeBERTa); it is run on the
+        real keys only and its result padded with zeros for the prefix.
+    mask_includes_prefix: the model's 2-D attention mask covers the keys
+        (prefix + real); else the prefix columns come from ``pad_args``.
     load_kwargs: extra from_pretrained arguments (e.g. an attention
         implementation whose mask handling admits extra keys).
     position_offset: position ids start after the padding index (RoBERTa).
@@ -43,8 +50,10 @@ class Family:
 
     key: str
     value: str
-    bias_module: Optional[str] = None
-    bias_arg: Optional[str] = None
+    attention: Optional[str] = None
+    pad_args: Tuple[Tuple[str, float], ...] = ()
+    relative_bias: Optional[str] = None
+    mask_includes_prefix: bool = True
     load_kwargs: Tuple[Tuple[str, str], ...] = ()
     position_offset: bool = False
 
@@ -64,9 +73,23 @@ FAMILIES: Dict[str, Family] = {
     "distilbert": Family(
         "attention.k_lin", "attention.v_lin", load_kwargs=(("attn_implementation", "sdpa"),)
     ),
-    # MPNet adds a relative position bias (B, H, L, L); prefix keys get zero bias.
+    # MPNet adds a relative position bias (B, H, L, L).
     "mpnet": Family(
-        "attention.attn.k", "attention.attn.v", "attention.attn", "position_bias", position_offset=True
+        "attention.attn.k",
+        "attention.attn.v",
+        attention="attention.attn",
+        pad_args=(("position_bias", 0.0),),
+        position_offset=True,
+    ),
+    # DeBERTa v2/v3: disentangled relative attention, a (B, 1, L, L) keep-mask,
+    # and key_proj also projects the relative embeddings (share_att_key).
+    "deberta-v2": Family(
+        "attention.self.key_proj",
+        "attention.self.value_proj",
+        attention="attention.self",
+        pad_args=(("attention_mask", 1.0),),
+        relative_bias="disentangled_attention_bias",
+        mask_includes_prefix=False,
     ),
 }
 SUPPORTED = sorted(FAMILIES)
@@ -94,6 +117,10 @@ class Backbone:
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.model.config.model_type]
 
     @property
     def takes_token_types(self) -> bool:
@@ -129,7 +156,7 @@ class Backbone:
     def max_length(self) -> int:
         """Most wordpieces (special tokens included) one sequence may hold."""
         n = self.model.config.max_position_embeddings
-        if FAMILIES[self.model.config.model_type].position_offset:
+        if self.family.position_offset:
             n -= self.model.config.pad_token_id + 1
         tok_max = getattr(self.tokenizer, "model_max_length", n) or n
         return int(min(n, tok_max))
@@ -288,27 +315,42 @@ def wrap_backbone(
         key_proj.register_forward_hook(_prefix_hook(model, 0))
     for value_proj in values:
         value_proj.register_forward_hook(_prefix_hook(model, 1))
-    if family.bias_module:
+    if family.attention:
         for n, m in modules.items():
-            if n.endswith(family.bias_module):
-                m.register_forward_pre_hook(_bias_hook(model, m, family.bias_arg), with_kwargs=True)
+            if n.endswith(family.attention):
+                m.register_forward_pre_hook(_attention_hook(model, m, family.pad_args), with_kwargs=True)
+                if family.relative_bias:
+                    method = getattr(m, family.relative_bias)
+                    setattr(m, family.relative_bias, _real_keys_only(model, method))
     return Backbone(name, revision, dtype, model, tokenizer, list(zip(keys, values)))
 
 
 class _Injection:
-    """The prefix of the adapter running in this thread, and how many key /
-    value projections have run (= the layer index, also for shared layers)."""
+    """The prefix of the adapter running in this thread, how many key / value
+    projections have run (= the layer index, also for shared layers), and the
+    hidden states entering the current attention module (where a family's
+    projections also see other inputs)."""
 
     def __init__(self, model: torch.nn.Module, prefix: KVPrefix):
         self.model = model
         self.prefix = prefix
         self.calls = [0, 0]
+        self.hidden: Optional[torch.Tensor] = None
+
+    @property
+    def length(self) -> int:
+        return self.prefix[0][0].shape[1]
+
+
+def _active(model: torch.nn.Module) -> Optional[_Injection]:
+    active = getattr(_local, "active", None)
+    return active if active is not None and active.model is model else None
 
 
 def _prefix_hook(model: torch.nn.Module, which: int):
     def hook(module, inputs, output):
-        active: Optional[_Injection] = getattr(_local, "active", None)
-        if active is None or active.model is not model:
+        active = _active(model)
+        if active is None or (active.hidden is not None and inputs[0] is not active.hidden):
             return output
         layer = active.calls[which]
         active.calls[which] += 1
@@ -318,23 +360,39 @@ def _prefix_hook(model: torch.nn.Module, which: int):
     return hook
 
 
-def _bias_hook(model: torch.nn.Module, module: torch.nn.Module, arg: str):
+def _attention_hook(model: torch.nn.Module, module: torch.nn.Module, pad_args):
     signature = inspect.signature(module.forward)
 
     def hook(module, args, kwargs):
-        active: Optional[_Injection] = getattr(_local, "active", None)
-        if active is None or active.model is not model:
+        active = _active(model)
+        if active is None:
             return None
         bound = signature.bind(*args, **kwargs)
-        bias = bound.arguments.get(arg)
-        if bias is None:
-            return None
-        n_prefix = active.prefix[0][0].shape[1]
-        zeros = bias.new_zeros((*bias.shape[:-1], n_prefix))
-        bound.arguments[arg] = torch.cat([zeros, bias], dim=-1)
+        active.hidden = next(iter(bound.arguments.values()))
+        for arg, fill in pad_args:
+            value = bound.arguments.get(arg)
+            if value is not None:
+                pad = value.new_full((*value.shape[:-1], active.length), fill)
+                bound.arguments[arg] = torch.cat([pad, value], dim=-1)
         return bound.args, bound.kwargs
 
     return hook
+
+
+def _real_keys_only(model: torch.nn.Module, method):
+    """Wrap a relative-bias method(query, key, ...): prefix keys get zeros."""
+
+    def relative_bias(query_layer, key_layer, *args, **kwargs):
+        active = _active(model)
+        if active is None:
+            return method(query_layer, key_layer, *args, **kwargs)
+        P = active.length
+        score = method(query_layer, key_layer[:, P:], *args, **kwargs)
+        if not torch.is_tensor(score):
+            return score
+        return torch.cat([score.new_zeros((*score.shape[:-1], P)), score], dim=-1)
+
+    return relative_bias
 
 
 @contextmanager

@@ -151,6 +151,8 @@ class PromptedEncoder(torch.nn.Module):
             # the keys/values (and the mask over them) grow by P.
             if token_type_ids is not None and self.backbone.takes_token_types:
                 extra["token_type_ids"] = token_type_ids
+            if not self.backbone.family.mask_includes_prefix:
+                mask = attention_mask
             with injected_prefix(self.backbone, self.prompts(batch_size)):
                 output = model(input_ids=input_ids, attention_mask=mask, **extra)
             return output.last_hidden_state.float()

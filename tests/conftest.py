@@ -19,6 +19,19 @@ WORDS = (
 
 
 TINY_EXTRA = {
+    # DeBERTa-v3 style: relative attention only (no absolute positions), c2p + p2c,
+    # log-bucketed positions, shared key projection for relative embeddings.
+    "deberta-v2": {
+        "relative_attention": True,
+        "pos_att_type": ["p2c", "c2p"],
+        "position_biased_input": False,
+        "position_buckets": 16,
+        "max_relative_positions": -1,
+        "share_att_key": True,
+        "norm_rel_ebd": "layer_norm",
+        "type_vocab_size": 0,
+        "pad_token_id": 0,
+    },
     "electra": {"embedding_size": 24},
     "albert": {"embedding_size": 16, "num_hidden_groups": 1, "hidden_act": "gelu"},
     "distilbert": {},
@@ -140,6 +153,11 @@ def tiny_mpnet(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_deberta_v2(tmp_path_factory) -> str:
+    return str(_write_bert(tmp_path_factory.mktemp("tiny-deberta-v2"), model_type="deberta-v2"))
+
+
+@pytest.fixture(scope="session")
 def tiny_xlm_roberta(tmp_path_factory) -> str:
     return str(_write_roberta(tmp_path_factory.mktemp("tiny-xlmr"), "xlm-roberta"))
 
@@ -158,7 +176,7 @@ def tiny_backbone(request) -> str:
 # reference for prefix equivalence); the others are checked against a reference
 # attention written in tests/test_architectures.py.
 PAST_KV_TINY = ["tiny_bert", "tiny_roberta", "tiny_electra", "tiny_xlm_roberta", "tiny_camembert"]
-ALL_TINY = PAST_KV_TINY + ["tiny_albert", "tiny_distilbert", "tiny_mpnet"]
+ALL_TINY = PAST_KV_TINY + ["tiny_albert", "tiny_distilbert", "tiny_mpnet", "tiny_deberta_v2"]
 
 
 @pytest.fixture(params=PAST_KV_TINY)

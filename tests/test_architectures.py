@@ -69,10 +69,33 @@ def _reference(backbone, prefix, input_ids, mask):
             x1 = block.attention.LayerNorm(a.o(_attend(a.q(x), k, v, full_mask, heads, bias)) + x)
             x = block.output(block.intermediate(x1), x1)
         return x
+    if cfg.model_type == "deberta-v2":
+        # HF's relative-position scores for the real keys; prefix keys get the
+        # content score only (they have no position).
+        x = model.embeddings(input_ids, mask=mask)
+        rel_embeddings = model.encoder.get_rel_embedding()
+        relative_pos = model.encoder.get_rel_pos(x)
+        keep = (mask[:, None, :] * mask[:, :, None]).unsqueeze(1)
+        keep = torch.cat([torch.ones(*keep.shape[:-1], P, dtype=keep.dtype), keep], dim=-1)
+        for i, block in enumerate(model.encoder.layer):
+            a = block.attention.self
+            B, L, _ = x.shape
+            k, v = kv(i, a.key_proj(x), a.value_proj(x))
+            q_, k_, v_ = (a.transpose_for_scores(t, heads) for t in (a.query_proj(x), k, v))
+            scale_factor = 1 + len(a.pos_att_type)
+            scores = q_ @ k_.transpose(-1, -2) / math.sqrt(q_.shape[-1] * scale_factor)
+            rel = a.disentangled_attention_bias(q_, k_[:, P:], relative_pos, rel_embeddings, scale_factor)
+            scores = scores + torch.cat([torch.zeros(*rel.shape[:-1], P), rel], dim=-1)
+            scores = scores.view(B, heads, L, P + L).masked_fill(~keep.bool(), torch.finfo(x.dtype).min)
+            context = scores.softmax(-1).view(B * heads, L, P + L) @ v_
+            context = context.view(B, heads, L, -1).permute(0, 2, 1, 3).reshape(B, L, -1)
+            attention_output = block.attention.output(context, x)
+            x = block.output(block.intermediate(attention_output), attention_output)
+        return x
     raise NotImplementedError(cfg.model_type)
 
 
-@pytest.mark.parametrize("name", ["tiny_distilbert", "tiny_albert", "tiny_mpnet"])
+@pytest.mark.parametrize("name", ["tiny_distilbert", "tiny_albert", "tiny_mpnet", "tiny_deberta_v2"])
 def test_prefix_equals_reference_attention(request, name):
     backbone = load_backbone(request.getfixturevalue(name))
     module = PromptedEncoder(backbone, "prefix", num_virtual_tokens=5)
