@@ -18,6 +18,7 @@ import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -122,7 +123,7 @@ class Backbone:
     def family(self) -> Family:
         return FAMILIES[self.model.config.model_type]
 
-    @property
+    @cached_property
     def takes_token_types(self) -> bool:
         """DistilBERT and some others have no token type embeddings."""
         return "token_type_ids" in inspect.signature(self.model.forward).parameters
