@@ -125,13 +125,9 @@ class PromptedEncoder(torch.nn.Module):
             self.tokens_sent += len(group) * n
             outputs.append(torch.nn.functional.pad(hidden, (0, 0, 0, width - n)))
             order.extend(group)
-        hidden = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-        if order != sorted(order):
-            inverse = torch.empty(len(order), dtype=torch.long, device=hidden.device)
-            inverse[torch.tensor(order, device=hidden.device)] = torch.arange(
-                len(order), device=hidden.device
-            )
-            hidden = hidden[inverse]
+        hidden = torch.cat(outputs)
+        if order != sorted(order):  # back to the input order
+            hidden = hidden[torch.argsort(torch.tensor(order, device=hidden.device))]
         return hidden
 
     def _encode(
