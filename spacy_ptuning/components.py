@@ -1,5 +1,5 @@
 """Pipeline factories: spaCy's NER / textcat heads over a P-tuned backbone."""
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterable, Optional
 
 from spacy.language import Language
 from spacy.pipeline import EntityRecognizer, MultiLabel_TextCategorizer, TextCategorizer

@@ -17,7 +17,7 @@ from spacy_transformers.align import get_alignment, get_alignment_via_offset_map
 from spacy_transformers.data_classes import FullTransformerBatch, WordpieceBatch
 from spacy_transformers.layers.transformer_model import huggingface_tokenize
 from spacy_transformers.truncate import truncate_oversize_splits
-from thinc.api import ArgsKwargs, Model, PyTorchShim, torch2xp, xp2torch
+from thinc.api import ArgsKwargs, Model, PyTorchShim, xp2torch
 from thinc.layers.pytorchwrapper import forward as pytorch_forward
 from transformers.file_utils import ModelOutput
 
@@ -207,9 +207,9 @@ class AdapterShim(PyTorchShim):
             if not isinstance(msg, dict) or msg.get("format") != ADAPTER_FORMAT:
                 raise ValueError("missing the spacy-ptuning adapter header")
             tensors = st_load(msg["weights"])
+            expected = msg["fingerprint"]
         except Exception as e:
             raise ValueError(Errors.E008.format(detail=f"{type(e).__name__}: {e}")) from e
-        expected = msg["fingerprint"]
         found = module.backbone.fingerprint()
         if expected != found:
             raise ValueError(

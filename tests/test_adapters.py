@@ -1,6 +1,5 @@
 """One backbone, many adapters: sharing, isolation, adapter-only saving."""
 import threading
-from pathlib import Path
 
 import numpy
 import pytest

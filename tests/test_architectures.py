@@ -2,7 +2,6 @@
 computation written here, frozen weights, learning, save/load round trip."""
 import math
 
-import numpy
 import pytest
 import spacy
 import torch
