@@ -90,6 +90,19 @@ def main() -> None:
         f = nlp.evaluate(dev)["ents_f"]
         rows.append((dtype, wps, peak, f))
         trained[dtype] = nlp
+    # One backbone, many adapters on the GPU: memory after loading 1 and 5 copies
+    # of the saved pipeline (the backbone is already loaded by the trained one).
+    memory = []
+    if args.device == "cuda":
+        data, config = trained["float32"].to_bytes(), trained["float32"].config
+        loaded = []
+        for n in (1, 5):
+            while len(loaded) < n:
+                loaded.append(spacy.blank("en").from_config(config).from_bytes(data))
+                loaded[-1](texts[0])
+            torch.cuda.synchronize()
+            memory.append((n, torch.cuda.memory_allocated() / 2**20))
+        del loaded
     # Same trained adapter, moved to the CPU: predictions must agree.
     gpu_vectors = vectors(trained["float32"], texts)
     gpu_ents = [[(e.start, e.end, e.label_) for e in d.ents] for d in trained["float32"].pipe(texts)]
@@ -107,6 +120,10 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: |")
     for dtype, wps, peak, f in rows:
         print(f"| {dtype} | {wps:.0f} | {peak:.0f} | {100 * f:.1f} |")
+    for n, mib in memory:
+        print(f"GPU memory allocated with {n} more loaded pipeline(s): {mib:.0f} MiB")
+    if len(memory) == 2:
+        print(f"  each extra pipeline: {(memory[1][1] - memory[0][1]) / 4:.1f} MiB (backbone shared)")
     print(f"\n{args.device} vs CPU, same float32 adapter: max |vector diff| {max_diff:.2e}, "
           f"identical entities in {100 * same_ents:.0f} % of {len(texts)} texts")
     ok = max_diff < 1e-3 and same_ents >= 0.95
