@@ -244,9 +244,16 @@ def _from_pretrained(loader, path: str, **kwargs):
         return loader.from_pretrained(path, local_files_only=True, **kwargs)
     except (OSError, ValueError) as local_error:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        if os.path.isdir(path) or offline:
+        looks_local = os.path.isdir(path) or os.path.isabs(path) or path.startswith((".", "~"))
+        if looks_local or offline:
             raise local_error
         return loader.from_pretrained(path, **kwargs)
+
+
+def _load_error(name: str, error: Exception) -> OSError:
+    text = str(error).strip()
+    reason = text.splitlines()[0] if text else type(error).__name__
+    return OSError(Errors.E001.format(name=name, reason=reason, default=DEFAULT_BACKBONE))
 
 
 def _load(name: str, revision: Optional[str], dtype: str, device: torch.device) -> Backbone:
@@ -256,8 +263,7 @@ def _load(name: str, revision: Optional[str], dtype: str, device: torch.device) 
     try:
         config = _from_pretrained(AutoConfig, path, revision=revision)
     except Exception as e:  # transformers raises OSError/ValueError/HTTP errors
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OSError(Errors.E001.format(name=name, reason=reason, default=DEFAULT_BACKBONE)) from e
+        raise _load_error(name, e) from e
     check_supported(name, config.model_type)
     try:
         tokenizer = _from_pretrained(AutoTokenizer, path, revision=revision)
@@ -270,8 +276,7 @@ def _load(name: str, revision: Optional[str], dtype: str, device: torch.device) 
             **dict(FAMILIES[config.model_type].load_kwargs),
         )
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OSError(Errors.E001.format(name=name, reason=reason, default=DEFAULT_BACKBONE)) from e
+        raise _load_error(name, e) from e
     return wrap_backbone(model, tokenizer, name=name, revision=revision, dtype=dtype, device=device)
 
 
