@@ -987,6 +987,13 @@ def main() -> int:
                   f"step times {[round(x, 3) for x in r.get('step_times', [])]}; saved {r.get('saved', {}).get('largest_files_mb')}")
         if r.get("failed"):
             print(f"- {LABELS[s]}: FAILED: {r['failed']}")
+    for s, r in rows.items():
+        over = [(c["train_seconds"], t) for c, t in zip(r.get("checkpoints", []), checkpoints)
+                if c["train_seconds"] > 1.05 * t]
+        if over:
+            log_ = [x for c in r["checkpoints"] for x in c.get("step_log", [])]
+            print(f"- note: {LABELS[s]} overshot checkpoints (trained s, target s) {over}: a step cannot be cut; "
+                  f"its slowest steps took {sorted((x[0] for x in log_), reverse=True)[:3]} s")
     if peft_check:
         print("PEFT prompt methods on token classification (tried once, 2 sentences):")
         for k, v in peft_check.items():
