@@ -666,14 +666,9 @@ def versions() -> Dict:
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
+    from sharing import _cpu_model  # bench/ is on sys.path when run as a script
+
+    return _cpu_model()
 
 
 def fmt_ratio(v, ref, digits=0) -> str:
