@@ -116,26 +116,28 @@ def build_ours():
     return nlp
 
 
+def st_transformer_config() -> Dict:
+    """spacy-transformers ``transformer`` component config on the embedded MiniLM."""
+    return {
+        "model": {
+            "@architectures": "spacy-transformers.TransformerModel.v3",
+            "name": minilm_path(),
+            "tokenizer_config": {"use_fast": True},
+            "get_spans": {
+                "@span_getters": "spacy-transformers.strided_spans.v1",
+                "window": 128,
+                "stride": 96,
+            },
+        }
+    }
+
+
 def build_spacy_transformers():
     import spacy
     import spacy_transformers  # noqa: F401
 
     nlp = spacy.blank("en")
-    nlp.add_pipe(
-        "transformer",
-        config={
-            "model": {
-                "@architectures": "spacy-transformers.TransformerModel.v3",
-                "name": minilm_path(),
-                "tokenizer_config": {"use_fast": True},
-                "get_spans": {
-                    "@span_getters": "spacy-transformers.strided_spans.v1",
-                    "window": 128,
-                    "stride": 96,
-                },
-            }
-        },
-    )
+    nlp.add_pipe("transformer", config=st_transformer_config())
     nlp.add_pipe(
         "ner",
         config={
