@@ -838,6 +838,8 @@ def markdown_table(summ: Dict[str, dict], checkpoints: List[float], task: str) -
     for s, v in summ.items():
         if "trainable" not in v:
             why = str(v.get("failed")).replace("|", "/").strip().splitlines()[-1][:160]
+            if task == "ner" and s in ("peft_ptuning", "peft_prompt"):
+                why += " (PEFT keeps the virtual positions in the token logits, so they outnumber the labels)"
             lines.append(f"| {label(s, task)} | fails: {why} |" + " - |" * (5 + len(checkpoints)))
             continue
         cells = [f"{100 * f:.1f}" for f in v["scores"]] + ["-"] * (len(checkpoints) - len(v["scores"]))
@@ -853,7 +855,7 @@ def markdown_table(summ: Dict[str, dict], checkpoints: List[float], task: str) -
 def target_lines(summ: Dict[str, dict], checkpoints: List[float], task: str) -> List[str]:
     """The issue's targets, ours against (a), each marked MET or MISSED."""
     a = summ.get("st", {})
-    out = []
+    out = [] if "trainable" in a else ["- (a) is not in this run (or failed): no ratio targets."]
     for s in ("prefix", "prompt_encoder", "prompt"):
         v = summ.get(s, {})
         if "trainable" not in v or "trainable" not in a:
