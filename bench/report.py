@@ -54,6 +54,10 @@ def load_runs(paths: List[Path]) -> Tuple[List[dict], List[str]]:
     return runs, notes
 
 
+def _dev_sents(run: dict) -> int:
+    return next((r["ready"]["dev_sents"] for r in run["systems"].values() if "ready" in r), 0)
+
+
 def plot_ratios(runs: List[dict], path: Path, task: str) -> Optional[str]:
     """Grouped bars: each system's measure divided by (a)'s, from the run
     with the shortest budget (the equal-budget comparison)."""
@@ -109,8 +113,11 @@ def main() -> int:
         task_runs.sort(key=lambda r: r["args"]["budget_seconds"])
         stem = f"{args.out.stem}_{task}"
         lines += [f"## {TASKS[task][4]}", ""]
-        for png, err in ((f"{stem}_curve.png", plot(task_runs, args.out.parent / f"{stem}_curve.png",
-                                                   title_of(task_runs[0]))),
+        title = title_of(task_runs[0])
+        if len(task_runs) > 1:
+            title = title.split(",")[0] + ": " + "; ".join(
+                f"{r['args']['budget_seconds']:g}s budget, dev {_dev_sents(r)} sentences" for r in task_runs)
+        for png, err in ((f"{stem}_curve.png", plot(task_runs, args.out.parent / f"{stem}_curve.png", title)),
                          (f"{stem}_ratios.png", plot_ratios(task_runs, args.out.parent / f"{stem}_ratios.png", task))):
             lines += [f"![{png}]({png})" if not err else f"(no {png}: {err})", ""]
         for run in task_runs:
