@@ -275,13 +275,8 @@ def score(task: str, gold: list, pred: list) -> Dict:
 # =========================================================================== systems (child side)
 def build_ours(task: str, method: str, cfg: dict):
     """Our pipeline from the task's config (configs/ner.cfg or textcat.cfg)
-    with the method, virtual tokens, rate and seed overridden; returns the
-    nlp, the interpolated config and the resolved [training] block."""
-    import spacy  # noqa: F401  (registers everything)
-    import spacy_ptuning  # noqa: F401  (registers the factories/architectures)
-    from spacy import util
-    from spacy.schemas import ConfigSchemaTraining
-    from spacy.util import registry
+    with the method, virtual tokens, backbone, rate and seed overridden."""
+    import conll_ner
 
     pipe = TASKS[task][0]
     overrides = {
@@ -292,11 +287,7 @@ def build_ours(task: str, method: str, cfg: dict):
         "training.seed": cfg["seed"],
         "system.seed": cfg["seed"],
     }
-    config = util.load_config(cfg["config"], overrides=overrides, interpolate=False)
-    util.fix_random_seed(cfg["seed"])
-    nlp = util.load_model_from_config(config, auto_fill=True, validate=True)
-    config = nlp.config.interpolate()
-    return nlp, config, registry.resolve(config["training"], schema=ConfigSchemaTraining)
+    return conll_ner.load_pipeline(Path(cfg["config"]), overrides, cfg["seed"])
 
 
 def build_st_textcat(name: str):

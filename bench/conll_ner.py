@@ -175,13 +175,23 @@ def lookup_scores(train_sents: List[Sentence], dev_examples) -> Dict[str, float]
 
 
 # ------------------------------------------------------------------ training
-def build(args):
+def load_pipeline(config_path: Path, overrides: dict, seed: int):
+    """A blank pipeline from a training config with ``overrides``; returns the
+    nlp, the interpolated config and the resolved [training] block."""
     import spacy  # noqa: F401  (registers everything)
     import spacy_ptuning  # noqa: F401  (registers the factories/architectures)
     from spacy import util
     from spacy.schemas import ConfigSchemaTraining
     from spacy.util import registry
 
+    config = util.load_config(config_path, overrides=overrides, interpolate=False)
+    util.fix_random_seed(seed)
+    nlp = util.load_model_from_config(config, auto_fill=True, validate=True)
+    config = nlp.config.interpolate()
+    return nlp, config, registry.resolve(config["training"], schema=ConfigSchemaTraining)
+
+
+def build(args):
     overrides = {
         "components.ner.model.tok2vec.method": args.method,
         "components.ner.model.tok2vec.num_virtual_tokens": args.num_virtual_tokens,
@@ -197,12 +207,7 @@ def build(args):
         overrides["training.optimizer.learn_rate.warmup_steps"] = args.warmup_steps
     if args.dropout is not None:
         overrides["training.dropout"] = args.dropout
-    config = util.load_config(args.config, overrides=overrides, interpolate=False)
-    util.fix_random_seed(args.seed)
-    nlp = util.load_model_from_config(config, auto_fill=True, validate=True)
-    config = nlp.config.interpolate()
-    T = registry.resolve(config["training"], schema=ConfigSchemaTraining)
-    return nlp, config, T
+    return load_pipeline(args.config, overrides, args.seed)
 
 
 def evaluate(nlp, dev_examples, batch_size: int) -> Tuple[dict, float]:
