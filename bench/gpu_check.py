@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """GPU check: train P-Tuning v2 NER on the MiniLM backbone in float32 and with
-a bfloat16 backbone, report words/s and peak GPU memory, and check that the
-trained model predicts the same on GPU as on CPU.
+a bfloat16 and a float16 backbone, report training and inference words/s and
+peak GPU memory, load the float32-trained adapter onto the half-precision
+backbones, and check that the trained model predicts the same on GPU as on CPU.
 
     python bench/gpu_check.py [--backbone PATH] [--steps 300] [--device cuda]
 
@@ -60,6 +61,25 @@ def train(nlp, examples, steps: int, batch_size: int, device: str):
     return words / seconds, peak
 
 
+def infer_wps(nlp, texts, repeats: int = 3) -> float:
+    """Inference words/s of nlp.pipe (batch 64) over texts, best of repeats."""
+    list(nlp.pipe(texts[:64]))  # warm-up
+    best = 0.0
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        words = sum(len(doc) for doc in nlp.pipe(texts, batch_size=64))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = max(best, words / (time.perf_counter() - start))
+    return best
+
+
+def ents(nlp, texts):
+    return [[(e.start, e.end, e.label_) for e in d.ents] for d in nlp.pipe(texts)]
+
+
 def vectors(nlp, texts):
     tok2vec = nlp.get_pipe("ptuning_ner").model.get_ref("tok2vec")
     out = tok2vec.predict([nlp.make_doc(t) for t in texts])
@@ -81,15 +101,33 @@ def main() -> None:
     print(f"torch {torch.__version__}, spaCy {spacy.__version__}, device {args.device}"
           + (f" ({torch.cuda.get_device_name(0)})" if args.device == "cuda" else ""))
     texts = [json.loads(line)["text"] for line in (ROOT / "assets/demo_ner_dev.jsonl").read_text().splitlines()[:64]]
-    rows, trained = [], {}
-    for dtype in ("float32", "bfloat16"):
-        nlp = build(args.backbone, dtype)
-        examples = read_jsonl(nlp, ROOT / "assets/demo_ner_train.jsonl")
-        wps, peak = train(nlp, examples, args.steps, args.batch_size, args.device)
-        dev = read_jsonl(nlp, ROOT / "assets/demo_ner_dev.jsonl")
-        f = nlp.evaluate(dev)["ents_f"]
-        rows.append((dtype, wps, peak, f))
-        trained[dtype] = nlp
+    all_texts = [json.loads(line)["text"] for line in (ROOT / "assets/demo_ner_dev.jsonl").read_text().splitlines()]
+    rows, trained, failures = [], {}, []
+    for dtype in ("float32", "bfloat16", "float16"):
+        try:
+            nlp = build(args.backbone, dtype)
+            examples = read_jsonl(nlp, ROOT / "assets/demo_ner_train.jsonl")
+            wps, peak = train(nlp, examples, args.steps, args.batch_size, args.device)
+            dev = read_jsonl(nlp, ROOT / "assets/demo_ner_dev.jsonl")
+            f = nlp.evaluate(dev)["ents_f"]
+            rows.append((dtype, wps, peak, f, infer_wps(nlp, all_texts * 4)))
+            trained[dtype] = nlp
+        except Exception as e:  # report, keep checking the other dtypes
+            failures.append(f"{dtype}: {type(e).__name__}: {str(e)[:300]}")
+    # The float32-trained adapter loaded onto half-precision copies of the backbone.
+    cross = []
+    base = trained["float32"]
+    base_ents = ents(base, all_texts)
+    for dtype in ("bfloat16", "float16"):
+        config = base.config.copy()
+        config["components"]["ptuning_ner"]["model"]["tok2vec"]["dtype"] = dtype
+        try:
+            other = spacy.blank("en").from_config(config).from_bytes(base.to_bytes())
+            same = sum(a == b for a, b in zip(base_ents, ents(other, all_texts))) / len(all_texts)
+            cross.append(f"float32 adapter on {dtype} backbone: identical entities in {100 * same:.1f} % "
+                         f"of {len(all_texts)} texts, inference {infer_wps(other, all_texts * 4):.0f} words/s")
+        except Exception as e:
+            cross.append(f"float32 adapter on {dtype} backbone: {type(e).__name__}: {str(e)[:200]}")
     # One backbone, many adapters on the GPU: memory after loading 1 and 5 copies
     # of the saved pipeline (the backbone is already loaded by the trained one).
     memory = []
@@ -116,10 +154,14 @@ def main() -> None:
     same_ents = sum(a == b for a, b in zip(gpu_ents, cpu_ents)) / len(texts)
 
     print(f"\n{args.steps} steps x {args.batch_size} sentences, NER, P-Tuning v2 (16 prefixes)\n")
-    print("| backbone dtype | train words/s | peak GPU MiB | dev ents_f |")
-    print("| --- | ---: | ---: | ---: |")
-    for dtype, wps, peak, f in rows:
-        print(f"| {dtype} | {wps:.0f} | {peak:.0f} | {100 * f:.1f} |")
+    print("| backbone dtype | train words/s | peak GPU MiB (training) | dev ents_f | inference words/s |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for dtype, wps, peak, f, iwps in rows:
+        print(f"| {dtype} | {wps:.0f} | {peak:.0f} | {100 * f:.1f} | {iwps:.0f} |")
+    for line in failures:
+        print("FAILED to train/evaluate", line)
+    for line in cross:
+        print(line)
     for n, mib in memory:
         print(f"GPU memory allocated with {n} more loaded pipeline(s): {mib:.0f} MiB")
     if len(memory) == 2:
