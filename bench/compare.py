@@ -380,9 +380,9 @@ class SpacySystem:
                                for p in shim._model.parameters() if p.requires_grad)
             trainable = torch_params + head
             return {"trainable": trainable, "total": trainable, "head": head, "encoder_trainable": torch_params}
-        from spacy_ptuning import get_module
+        from spacy_ptuning import get_adapter
 
-        module = get_module(pipe.model)
+        module = get_adapter(pipe.model)
         prompts = sum(p.numel() for p in module.parameters())
         trainable = prompts + head
         return {"trainable": trainable, "total": trainable + module.backbone.num_parameters,

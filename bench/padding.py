@@ -20,7 +20,7 @@ from spacy.training.batchers import minibatch_by_words
 from spacy.util import fix_random_seed
 from thinc.api import Adam
 
-from spacy_ptuning import get_module
+from spacy_ptuning import get_adapter
 
 
 def read_iob(path: Path, limit: int):
@@ -85,7 +85,7 @@ def main() -> None:
     print("| setup | real / sent wordpieces | train words/s | s per step |")
     print("| --- | ---: | ---: | ---: |")
     for label, nlp in pipes.items():
-        module = get_module(nlp.get_pipe("ptuning_ner").model)
+        module = get_adapter(nlp.get_pipe("ptuning_ner").model)
         s = stats[label]
         print(f"| {label} | {module.tokens_real / module.tokens_sent:.2f} | "
               f"{s['words'] / s['seconds']:.0f} | {s['seconds'] / len(batches):.2f} |")

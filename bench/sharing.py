@@ -287,7 +287,7 @@ def child(system: str, path: str, max_n: int, threads: int) -> Dict:
     if system == "ours":
         backbone_ids = len(
             {
-                id(spacy_ptuning.get_module(nlp.get_pipe("ptuning_ner").model).backbone)
+                id(spacy_ptuning.get_adapter(nlp.get_pipe("ptuning_ner").model).backbone)
                 for nlp in nlps
             }
         )

@@ -8,14 +8,17 @@ from .components import (
     make_ptuning_textcat_multilabel,
     trainable_summary,
 )
-from .model import PromptedEncoder, get_module
+from .adapter import Adapter
+from .errors import PTuningError
+from .transformer_model import get_adapter
 
 __version__ = "0.1.0"
 __all__ = [
+    "Adapter",
     "DEFAULT_BACKBONE",
+    "PTuningError",
     "Backbone",
-    "PromptedEncoder",
-    "get_module",
+    "get_adapter",
     "load_backbone",
     "make_ptuning_ner",
     "make_ptuning_textcat",

@@ -10,7 +10,8 @@ from thinc.api import Model, chain, reduce_mean
 from thinc.types import Floats2d, Ragged
 
 from .backbone import DEFAULT_BACKBONE, load_backbone
-from .model import PromptedEncoder, ptuning_transformer_model
+from .adapter import Adapter
+from .transformer_model import ptuning_transformer_model
 
 
 @registry.architectures("spacy_ptuning.PTuningTransformer.v1")
@@ -52,7 +53,7 @@ def ptuning_transformer_v1(
         0 sends the whole batch padded to its longest sequence.
     """
     shared = load_backbone(backbone, revision=revision, dtype=dtype)
-    module = PromptedEncoder(
+    module = Adapter(
         shared,
         method=method,
         num_virtual_tokens=num_virtual_tokens,

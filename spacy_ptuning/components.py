@@ -1,4 +1,5 @@
 """Pipeline factories: spaCy's NER / textcat heads over a P-tuned backbone."""
+import re
 from typing import Callable, Iterable, Optional
 
 from spacy.language import Language
@@ -6,8 +7,8 @@ from spacy.pipeline import EntityRecognizer, MultiLabel_TextCategorizer, TextCat
 from spacy.training import Example
 from thinc.api import Config, Model
 
-from .errors import Errors
-from .model import get_module
+from .errors import AdapterError, Errors, PTuningError
+from .transformer_model import get_adapter
 
 
 PTUNING_TOK2VEC = """
@@ -65,7 +66,7 @@ DEFAULT_MULTILABEL_MODEL = Config().from_str(
 
 def trainable_summary(name: str, model: Model) -> str:
     """E.g. 'ner: training 74k of 22.7M parameters (0.33 %), method=prefix, length=16'."""
-    module = get_module(model)
+    module = get_adapter(model)
     prompts = sum(p.numel() for p in module.parameters())
     head = sum(
         int(node.get_param(p).size)
@@ -115,10 +116,12 @@ class _AdapterLoading:
 
 
 def _load_error(error: Exception, where: str) -> Exception:
-    if str(error).startswith("[E0"):  # already one of ours
+    """Ours and spaCy's coded errors already explain themselves; anything
+    else raised while reading a saved component is a damaged file."""
+    if isinstance(error, PTuningError) or re.match(r"\[[EW]\d+\]", str(error)):
         return error
     detail = f"{type(error).__name__}: {error} (reading {where})"
-    return ValueError(Errors.E008.format(detail=detail))
+    return AdapterError(Errors.E008.format(detail=detail))
 
 
 class PTuningEntityRecognizer(_AdapterLoading, EntityRecognizer):

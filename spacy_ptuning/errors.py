@@ -1,9 +1,42 @@
-"""Error messages, spaCy style: one place, numbered, each says what to do."""
+"""Error messages and exception types, spaCy style: one place, numbered, each
+says what to do.
+
+Our codes live in their own namespace (``[PT-E001]``), so they never collide
+with spaCy's ``[E001]``; and our exceptions share a base class
+(:class:`PTuningError`), so code that must tell ours apart (e.g. the
+component's load wrapper) checks the type, not the message text.
+"""
 
 
-class Errors:
+class ErrorsWithCodes(type):
+    """``Errors.E001`` reads as ``"[PT-E001] message"`` (spaCy's pattern)."""
+
+    def __getattribute__(self, code: str) -> str:
+        msg = super().__getattribute__(code)
+        if code.startswith("__"):
+            return msg
+        return f"[PT-{code}] {msg}"
+
+
+class PTuningError(Exception):
+    """Base of every exception spacy-ptuning raises itself."""
+
+
+class ConfigError(PTuningError, ValueError):
+    """A setting that cannot work (bad method, length, dtype, option...)."""
+
+
+class BackboneError(PTuningError, OSError):
+    """The backbone could not be loaded."""
+
+
+class AdapterError(PTuningError, ValueError):
+    """A saved adapter does not fit, or cannot be read, or is not for this backbone."""
+
+
+class Errors(metaclass=ErrorsWithCodes):
     E001 = (
-        "[E001] Could not load the backbone '{name}' ({reason}). spacy-ptuning "
+        "Could not load the backbone '{name}' ({reason}). spacy-ptuning "
         "loads backbones with Hugging Face transformers: give a local folder "
         "that holds config.json, the tokenizer files and the weights, or a Hub "
         "name with network access (set HF_HUB_OFFLINE=1 to fail fast without "
@@ -12,34 +45,52 @@ class Errors:
         "config={{'components.NAME.model.tok2vec.backbone': '/path/to/model'}}), NAME being the component."
     )
     E002 = (
-        "[E002] Backbone '{name}' has architecture '{model_type}', which "
+        "Backbone '{name}' has architecture '{model_type}', which "
         "spacy-ptuning does not support yet. Supported: {supported}."
     )
-    E003 = (
-        "[E003] Unknown P-Tuning method '{method}'. Choose one of: prefix "
-        "(P-Tuning v2 deep prefixes), prompt_encoder (P-Tuning v1), prompt "
-        "(prompt tuning)."
-    )
-    E004 = "[E004] num_virtual_tokens must be at least 1, got {n}."
+    E003 = "Unknown P-Tuning method '{method}'. Choose one of: {choices}."
+    E004 = "num_virtual_tokens must be at least 1, got {n}."
     E005 = (
-        "[E005] Unknown prompt encoder '{kind}' for method prompt_encoder. "
+        "Unknown prompt encoder '{kind}' for method prompt_encoder. "
         "Choose 'lstm' or 'mlp'."
     )
     E006 = (
-        "[E006] This adapter was trained on a different backbone. Expected "
-        "{expected}, found {found} (loaded from '{name}'). Load it with the "
-        "backbone it was trained on, e.g. spacy.load(path, config="
+        "This adapter was trained on a different backbone: {difference}. "
+        "Expected {expected}, found {found} (loaded from '{name}'). Load it "
+        "with the backbone it was trained on, e.g. spacy.load(path, config="
         "{{'components.NAME.model.tok2vec.backbone': '/path/to/that/model'}})."
     )
     E007 = (
-        "[E007] The saved adapter does not fit this model: {detail}. The file "
+        "The saved adapter does not fit this model: {detail}. The file "
         "may be corrupted or from another method/length configuration; check "
         "that the pipeline's config.cfg matches the saved weights."
     )
-    E008 = "[E008] Could not read the saved adapter: {detail}. The file is corrupted or not a spacy-ptuning adapter."
-    E009 = "[E009] Unknown dtype '{dtype}' for the backbone. Choose float32, bfloat16 or float16."
+    E008 = "Could not read the saved adapter: {detail}. The file is corrupted or not a spacy-ptuning adapter."
+    E009 = "Unknown dtype '{dtype}' for the backbone. Choose {choices}."
     E010 = (
-        "[E010] The backbone '{name}' is missing the attention projections "
+        "The backbone '{name}' is missing the attention projections "
         "spacy-ptuning hooks into ({detail}); the checkpoint does not look like "
         "a standard '{model_type}' model."
+    )
+    E011 = (
+        "Option {option} = {value!r} does not apply to method '{method}' "
+        "(it is used by: {used_by}). Remove it, or choose that method."
+    )
+    E012 = "{option} must be {rule}, got {value!r}."
+    E013 = (
+        "Method '{method}' with {n} virtual tokens leaves {left} of the "
+        "backbone's {max_length} positions for the text; at least {minimum} "
+        "are needed. Use at most {most} virtual tokens, or method 'prefix' "
+        "(P-Tuning v2 prefixes take no positions)."
+    )
+    E014 = (
+        "The saved adapter holds non-finite values (NaN or infinity) in "
+        "'{tensor}'. It was saved from a diverged training run or the file is "
+        "damaged: retrain it, or load an earlier checkpoint (e.g. model-best "
+        "instead of model-last)."
+    )
+    E015 = (
+        "The saved adapter's weights do not match their checksum (expected "
+        "{expected}, found {found}): the file was damaged after it was saved. "
+        "Restore it from a copy or retrain it."
     )

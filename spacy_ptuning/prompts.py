@@ -1,5 +1,8 @@
-"""Torch modules that hold the trainable prompts (and nothing else)."""
-from typing import List, Optional, Tuple
+"""The P-Tuning methods: the torch modules that hold the trainable prompts (and
+nothing else), and a table saying which options each method takes and how it
+builds its module. Adding a method means one module and one table row."""
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -98,3 +101,55 @@ class PromptEncoder(nn.Module):
             x = self.lstm(x)[0]
         x = self.dropout(self.mlp(x))
         return x.expand(batch_size, -1, -1)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One P-Tuning method.
+
+    input_prompts: the virtual tokens are input embeddings, so they take
+        positions of the backbone (and are dropped from the output); else they
+        are per-layer key/value prefixes, which take none.
+    options: the method-specific options it reads, with their defaults; an
+        option of another method set to a non-default value is an error.
+    build: (backbone, num_virtual_tokens, options) -> the prompt module.
+    """
+
+    input_prompts: bool
+    options: Dict[str, object]
+    build: Callable[..., nn.Module]
+
+
+def _vocab_rows(backbone, n: int) -> torch.Tensor:
+    """n random rows of the backbone's input embeddings (drawn from torch's
+    global generator, which spaCy's [system] seed seeds)."""
+    vocab = backbone.model.get_input_embeddings().weight
+    rows = torch.randint(0, vocab.shape[0], (n,))
+    return vocab[rows.to(vocab.device)].detach().float().cpu()
+
+
+METHODS: Dict[str, Method] = {
+    # P-Tuning v2 (Liu et al. 2022): deep key/value prefixes in every layer.
+    "prefix": Method(
+        input_prompts=False,
+        options={"prefix_projection": 0},
+        build=lambda bb, n, o, dropout: PrefixEncoder(
+            n, bb.num_layers, bb.kv_width, o["prefix_projection"], dropout
+        ),
+    ),
+    # P-Tuning v1 (Liu et al. 2021): input prompts from a bi-LSTM/MLP encoder.
+    "prompt_encoder": Method(
+        input_prompts=True,
+        options={"prompt_encoder": "lstm"},
+        build=lambda bb, n, o, dropout: PromptEncoder(
+            n, bb.embed_width, o["prompt_encoder"], dropout=dropout
+        ),
+    ),
+    # Prompt tuning (Lester et al. 2021): free input embeddings, initialised
+    # from vocabulary rows.
+    "prompt": Method(
+        input_prompts=True,
+        options={},
+        build=lambda bb, n, o, dropout: SoftPrompt(_vocab_rows(bb, n), dropout),
+    ),
+}

@@ -10,7 +10,7 @@ from spacy.training import Example
 from spacy.util import fix_random_seed
 from thinc.api import Adam
 
-from spacy_ptuning import get_module, load_backbone
+from spacy_ptuning import get_adapter, load_backbone
 
 TEXTS = ["alice visited paris today", "a good film", "bob works at acme in london"]
 
@@ -70,7 +70,7 @@ def test_save_load_round_trip_is_exact_and_small(tiny_bert, tmp_path, method):
     _assert_same(before, _outputs(reloaded))
     # Nothing of the backbone is saved: no backbone weight bytes in any file,
     # and the component is the size of its trainable parameters.
-    module = get_module(loaded.get_pipe("ptuning_ner").model)
+    module = get_adapter(loaded.get_pipe("ptuning_ner").model)
     needle = module.backbone.model.get_input_embeddings().weight[7].numpy().tobytes()
     files = [f for f in (tmp_path / "pipe").rglob("*") if f.is_file()]
     assert not any(needle in f.read_bytes() for f in files)
@@ -84,14 +84,14 @@ def test_save_load_round_trip_is_exact_and_small(tiny_bert, tmp_path, method):
 
 def test_adapter_weights_are_safetensors_with_fingerprint(tiny_bert, tmp_path):
     from safetensors.torch import load as st_load
-    from spacy_ptuning.model import AdapterShim
+    from spacy_ptuning.serialization import AdapterShim
 
     nlp, _ = _pipeline(tiny_bert)
     shim = next(s for node in nlp.get_pipe("ptuning_ner").model.walk() for s in node.shims)
     assert isinstance(shim, AdapterShim)
     msg = srsly.msgpack_loads(shim.to_bytes())
     tensors = st_load(msg["weights"])
-    assert set(tensors) == set(get_module(nlp.get_pipe("ptuning_ner").model).state_dict())
+    assert set(tensors) == set(get_adapter(nlp.get_pipe("ptuning_ner").model).state_dict())
     assert msg["fingerprint"] == load_backbone(tiny_bert).fingerprint()
 
 
@@ -104,7 +104,7 @@ def test_components_and_pipelines_share_one_backbone(tiny_bert, tmp_path):
         config={"model": {"tok2vec": {"@architectures": "spacy_ptuning.PTuningTransformer.v1", "backbone": tiny_bert}}},
     )
     loaded = [spacy.load(tmp_path / "a") for _ in range(2)]
-    modules = [get_module(p.pipeline[0][1].model) for p in [nlp, second, *loaded]]
+    modules = [get_adapter(p.pipeline[0][1].model) for p in [nlp, second, *loaded]]
     backbones = {id(m.backbone) for m in modules}
     assert len(backbones) == 1
     ptrs = {m.backbone.model.get_input_embeddings().weight.data_ptr() for m in modules}
@@ -116,8 +116,8 @@ def test_components_and_pipelines_share_one_backbone(tiny_bert, tmp_path):
 def test_training_one_adapter_never_changes_another(tiny_bert):
     ner_nlp, examples = _pipeline(tiny_bert, "ptuning_ner")
     cat_nlp, _ = _pipeline(tiny_bert, "ptuning_textcat")
-    backbone = get_module(ner_nlp.get_pipe("ptuning_ner").model).backbone
-    assert backbone is get_module(cat_nlp.get_pipe("ptuning_textcat").model).backbone
+    backbone = get_adapter(ner_nlp.get_pipe("ptuning_ner").model).backbone
+    assert backbone is get_adapter(cat_nlp.get_pipe("ptuning_textcat").model).backbone
     modes = []
     hook = backbone.model.register_forward_pre_hook(lambda m, a: modes.append(m.training))
     before = _outputs(cat_nlp)
@@ -163,7 +163,7 @@ def test_wrong_backbone_is_refused_with_both_names(tiny_bert, other_tiny_bert, t
     nlp, _ = _pipeline(tiny_bert)
     nlp.to_disk(tmp_path / "pipe")
     override = {"components": {"ptuning_ner": {"model": {"tok2vec": {"backbone": other_tiny_bert}}}}}
-    with pytest.raises(ValueError, match=r"\[E006\].*different backbone") as info:
+    with pytest.raises(ValueError, match=r"\[PT-E006\].*different backbone") as info:
         spacy.load(tmp_path / "pipe", config=override)
     expected = load_backbone(tiny_bert).fingerprint()["weights_sha256"]
     found = load_backbone(other_tiny_bert).fingerprint()["weights_sha256"]
@@ -189,7 +189,7 @@ def test_corrupted_adapter_gives_clear_error(tiny_bert, tmp_path):
     model_file = tmp_path / "pipe" / "ptuning_ner" / "model"
     data = bytearray(model_file.read_bytes())
     model_file.write_bytes(bytes(data[: len(data) // 2]))
-    with pytest.raises(ValueError, match=r"\[E008\]"):
+    with pytest.raises(ValueError, match=r"\[PT-E008\]"):
         spacy.load(tmp_path / "pipe")
 
 
@@ -222,7 +222,7 @@ def test_bfloat16_backbone_with_float32_prompts(tiny_bert, method):
     cfg = fp32.config.copy()
     cfg["components"]["ptuning_ner"]["model"]["tok2vec"]["dtype"] = "bfloat16"
     half = spacy.blank("en").from_config(cfg).from_bytes(fp32.to_bytes())
-    half_module = get_module(half.get_pipe("ptuning_ner").model)
+    half_module = get_adapter(half.get_pipe("ptuning_ner").model)
     assert half_module.backbone.model.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in half_module.parameters())
     docs = [half.make_doc(t) for t in TEXTS]

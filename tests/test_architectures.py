@@ -9,7 +9,7 @@ from spacy.training import Example
 from spacy.util import fix_random_seed
 from thinc.api import Adam
 
-from spacy_ptuning import PromptedEncoder, get_module, load_backbone
+from spacy_ptuning import Adapter, get_adapter, load_backbone
 
 TEXTS = ["alice met bob in paris today", "the film", "good movie , really great plot"]
 
@@ -97,7 +97,7 @@ def _reference(backbone, prefix, input_ids, mask):
 @pytest.mark.parametrize("name", ["tiny_distilbert", "tiny_albert", "tiny_mpnet", "tiny_deberta_v2"])
 def test_prefix_equals_reference_attention(request, name):
     backbone = load_backbone(request.getfixturevalue(name))
-    module = PromptedEncoder(backbone, "prefix", num_virtual_tokens=5)
+    module = Adapter(backbone, "prefix", num_virtual_tokens=5)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         module.prompts.embedding.copy_(torch.randn(module.prompts.embedding.shape, generator=gen))
@@ -130,7 +130,7 @@ def test_every_architecture_trains_frozen_and_round_trips(any_tiny_backbone, met
     nlp.add_pipe("ptuning_textcat", config={"model": {"tok2vec": tok2vec}})
     examples = _examples(nlp)
     nlp.initialize(lambda: examples)
-    module = get_module(nlp.get_pipe("ptuning_textcat").model)
+    module = get_adapter(nlp.get_pipe("ptuning_textcat").model)
     frozen = {k: v.clone() for k, v in module.backbone.model.state_dict().items()}
     optimizer = Adam(0.05)
     losses = []

@@ -5,7 +5,9 @@ import spacy
 from spacy.training import Example
 from spacy.util import fix_random_seed
 
-from spacy_ptuning import load_backbone
+from spacy_ptuning import get_adapter, load_backbone
+from spacy_ptuning.adapter import MIN_TEXT_POSITIONS
+from spacy_ptuning.errors import ConfigError
 from spacy_ptuning.architectures import ptuning_transformer_v1
 
 
@@ -49,17 +51,17 @@ def test_pipeline_handles_empty_and_long_docs(ner_nlp):
 
 def test_missing_backbone_names_it_and_says_what_to_do(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(OSError, match=r"\[E001\].*no-such-org/no-such-model") as info:
+    with pytest.raises(OSError, match=r"\[PT-E001\].*no-such-org/no-such-model") as info:
         load_backbone("no-such-org/no-such-model")
     assert "local folder" in str(info.value) and "spacy.load" in str(info.value)
-    with pytest.raises(OSError, match=r"\[E001\].*/nowhere/model"):
+    with pytest.raises(OSError, match=r"\[PT-E001\].*/nowhere/model"):
         load_backbone("/nowhere/model")
 
 
 def test_missing_backbone_from_add_pipe(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     nlp = spacy.blank("en")
-    with pytest.raises(OSError, match=r"\[E001\]"):
+    with pytest.raises(OSError, match=r"\[PT-E001\]"):
         nlp.add_pipe("ptuning_ner", config={"model": {"tok2vec": {"backbone": "/nowhere/model"}}})
     assert nlp.pipe_names == []
 
@@ -68,18 +70,49 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     from transformers import GPT2Config, GPT2Model
 
     GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16)).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"\[E002\].*gpt2.*Supported: .*bert"):
+    with pytest.raises(ValueError, match=r"\[PT-E002\].*gpt2.*Supported: .*bert"):
         load_backbone(str(tmp_path))
 
 
 @pytest.mark.parametrize(
     "kwargs,code",
-    [({"method": "lora"}, "E003"), ({"num_virtual_tokens": 0}, "E004"),
-     ({"method": "prompt_encoder", "prompt_encoder": "gru"}, "E005"), ({"dtype": "int8"}, "E009")],
+    [
+        ({"method": "lora"}, "E003"),
+        ({"num_virtual_tokens": 0}, "E004"),
+        ({"method": "prompt_encoder", "prompt_encoder": "gru"}, "E005"),
+        ({"dtype": "int8"}, "E009"),
+        # Options of another method, set to a non-default value.
+        ({"method": "prompt", "prefix_projection": 32}, "E011"),
+        ({"method": "prefix", "prompt_encoder": "mlp"}, "E011"),
+        ({"prefix_projection": -1}, "E012"),
+        ({"max_batch_tokens": -5}, "E012"),
+        ({"prompt_dropout": 1.0}, "E012"),
+    ],
 )
 def test_bad_settings(tiny_bert, kwargs, code):
-    with pytest.raises(ValueError, match=code):
+    with pytest.raises(ConfigError, match=rf"\[PT-{code}\]"):
         ptuning_transformer_v1(backbone=tiny_bert, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prompt_encoder"])
+def test_input_prompts_must_leave_room_for_text(tiny_bert, method):
+    """tiny_bert holds 64 positions: input prompts may take 64 - 16 of them."""
+    most = load_backbone(tiny_bert).max_length - MIN_TEXT_POSITIONS
+    model = ptuning_transformer_v1(backbone=tiny_bert, method=method, num_virtual_tokens=most)
+    assert get_adapter(model).max_length == MIN_TEXT_POSITIONS
+    for n in (most + 1, 63, 64, 600):
+        with pytest.raises(ConfigError, match=rf"\[PT-E013\].*at most {most} virtual tokens"):
+            ptuning_transformer_v1(backbone=tiny_bert, method=method, num_virtual_tokens=n)
+    # Prefixes take no positions: any length works.
+    ptuning_transformer_v1(backbone=tiny_bert, method="prefix", num_virtual_tokens=600)
+
+
+def test_options_at_their_defaults_are_accepted_for_every_method(tiny_bert):
+    """Configs list every option; defaults of other methods are not errors."""
+    for method in ("prefix", "prompt_encoder", "prompt"):
+        ptuning_transformer_v1(
+            backbone=tiny_bert, method=method, prefix_projection=0, prompt_encoder="lstm", num_virtual_tokens=4
+        )
 
 
 def test_twenty_thousand_token_doc(tiny_bert):

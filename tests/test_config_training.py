@@ -7,7 +7,7 @@ import pytest
 import spacy
 from spacy.tokens import DocBin
 
-from spacy_ptuning import get_module
+from spacy_ptuning import get_adapter
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 SENTS = [
@@ -49,7 +49,7 @@ def test_spacy_train_cli(tiny_bert, tmp_path, config, components):
     assert f"{components[0]}: training" in log and "method=prefix" in log
     nlp = spacy.load(tmp_path / "out" / "model-last")
     assert nlp.pipe_names == components
-    modules = [get_module(nlp.get_pipe(n).model) for n in components]
+    modules = [get_adapter(nlp.get_pipe(n).model) for n in components]
     assert len({id(m.backbone) for m in modules}) == 1  # one backbone for all adapters
     doc = nlp("alice visited paris")
     if "textcat" in components:

@@ -5,7 +5,7 @@ from spacy.training import Example
 from spacy.util import fix_random_seed
 from thinc.api import Adam
 
-from spacy_ptuning import get_module
+from spacy_ptuning import get_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ def test_defaults_train_predict_save_small_and_share(tmp_path):
     fix_random_seed(0)
     nlp = spacy.blank("en")
     ner = nlp.add_pipe("ptuning_ner")
-    module = get_module(ner.model)
+    module = get_adapter(ner.model)
     assert module.method == "prefix" and module.backbone.config.num_hidden_layers == 6
     examples = [Example.from_dict(nlp.make_doc(t), {"entities": e}) for t, e in TRAIN]
     nlp.initialize(lambda: examples)
@@ -39,7 +39,7 @@ def test_defaults_train_predict_save_small_and_share(tmp_path):
     assert size < 1_000_000, size
     first, second = spacy.load(tmp_path / "pipe"), spacy.load(tmp_path / "pipe")
     weights = [
-        get_module(p.get_pipe("ptuning_ner").model).backbone.model.get_input_embeddings().weight
+        get_adapter(p.get_pipe("ptuning_ner").model).backbone.model.get_input_embeddings().weight
         for p in (nlp, first, second)
     ]
     assert len({w.data_ptr() for w in weights}) == 1

@@ -3,7 +3,7 @@ import numpy
 import pytest
 import torch
 
-from spacy_ptuning import PromptedEncoder, load_backbone
+from spacy_ptuning import Adapter, load_backbone
 from spacy_ptuning.backbone import FAMILIES
 from spacy_ptuning.architectures import ptuning_transformer_v1
 
@@ -15,7 +15,7 @@ def _encode(backbone, texts):
     return enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")
 
 
-def _randomise(module: PromptedEncoder, seed: int = 1) -> None:
+def _randomise(module: Adapter, seed: int = 1) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
@@ -57,7 +57,7 @@ def _reference_with_past(backbone, module, input_ids, mask, token_types, positio
 @pytest.mark.parametrize("projection", [0, 24])
 def test_prefix_equals_past_key_values_reference(past_kv_backbone, projection):
     backbone = load_backbone(past_kv_backbone)
-    module = PromptedEncoder(backbone, "prefix", num_virtual_tokens=5, prefix_projection=projection)
+    module = Adapter(backbone, "prefix", num_virtual_tokens=5, prefix_projection=projection)
     _randomise(module)
     module.eval()
     input_ids, mask, token_types = _encode(backbone, TEXTS)
@@ -77,7 +77,7 @@ def test_prefix_does_not_shift_positions(tiny_backbone):
     """HF PEFT (and the P-Tuning v2 code) let the prefix shift BERT's position
     ids by P; ours keeps the positions of a prefix-free run."""
     backbone = load_backbone(tiny_backbone)
-    module = PromptedEncoder(backbone, "prefix", num_virtual_tokens=5)
+    module = Adapter(backbone, "prefix", num_virtual_tokens=5)
     _randomise(module)
     module.eval()
     input_ids, mask, token_types = _encode(backbone, TEXTS)
@@ -93,7 +93,7 @@ def test_prefix_keeps_full_sequence_length(tiny_bert):
     backbone = load_backbone(tiny_bert)
     n = backbone.max_length
     assert n == 64
-    module = PromptedEncoder(backbone, "prefix", num_virtual_tokens=32)
+    module = Adapter(backbone, "prefix", num_virtual_tokens=32)
     assert module.max_length == n
     input_ids = torch.randint(5, 50, (1, n))
     mask = torch.ones(1, n, dtype=torch.long)
@@ -101,14 +101,14 @@ def test_prefix_keeps_full_sequence_length(tiny_bert):
         out = module(input_ids, mask)
     assert out.shape == (1, n, backbone.hidden_width)
     assert torch.isfinite(out).all()
-    prompt_module = PromptedEncoder(backbone, "prompt", num_virtual_tokens=8)
+    prompt_module = Adapter(backbone, "prompt", num_virtual_tokens=8)
     assert prompt_module.max_length == n - 8
 
 
 @pytest.mark.parametrize("method", ["prefix", "prompt_encoder", "prompt"])
 def test_output_drops_virtual_positions(tiny_bert, method):
     backbone = load_backbone(tiny_bert)
-    module = PromptedEncoder(backbone, method, num_virtual_tokens=7)
+    module = Adapter(backbone, method, num_virtual_tokens=7)
     input_ids, mask, token_types = _encode(backbone, TEXTS)
     with torch.no_grad():
         out = module(input_ids, mask, token_types)
@@ -122,9 +122,9 @@ def test_vectors_do_not_depend_on_batch_padding(any_tiny_backbone, method):
     nlp = spacy.blank("en")
     model = ptuning_transformer_v1(backbone=any_tiny_backbone, method=method, num_virtual_tokens=6)
     model.initialize()
-    from spacy_ptuning import get_module
+    from spacy_ptuning import get_adapter
 
-    _randomise(get_module(model), seed=3)
+    _randomise(get_adapter(model), seed=3)
     short = nlp("alice met bob")
     longer = [nlp("the film was good and the plot was great , said carol in paris " * 2), nlp("a bank")]
     alone = model.predict([short])[0]
@@ -134,7 +134,7 @@ def test_vectors_do_not_depend_on_batch_padding(any_tiny_backbone, method):
 
 
 def test_length_groups():
-    from spacy_ptuning.model import length_groups
+    from spacy_ptuning.adapter import length_groups
 
     groups = length_groups([30, 3, 4, 31, 10, 0], max_tokens=64)
     assert [i for g in groups for i in g] == [5, 1, 2, 4, 0, 3]  # shortest first
@@ -149,7 +149,7 @@ def test_length_grouping_changes_nothing_but_padding(tiny_bert, method):
     backbone = load_backbone(tiny_bert)
     texts = ["a", "alice met bob in paris today and then visited london", "the film", "good"]
     input_ids, mask, token_types = _encode(backbone, texts)
-    grouped = PromptedEncoder(backbone, method, num_virtual_tokens=3, max_batch_tokens=8)
+    grouped = Adapter(backbone, method, num_virtual_tokens=3, max_batch_tokens=8)
     _randomise(grouped)
     one = grouped._encode(input_ids, mask, token_types)  # one padded batch
     many = grouped(input_ids, mask, token_types)

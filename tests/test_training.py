@@ -7,7 +7,7 @@ import torch
 from spacy.training import Example
 from spacy.util import fix_random_seed
 
-from spacy_ptuning import get_module
+from spacy_ptuning import get_adapter
 
 METHODS = ["prefix", "prompt_encoder", "prompt"]
 POS = ["good", "great", "love", "nice", "fine"]
@@ -73,7 +73,7 @@ def test_backbone_frozen_while_prompts_and_head_train(tiny_bert, method):
     ner = nlp.add_pipe("ptuning_ner", config={"model": {"tok2vec": _tok2vec_cfg(tiny_bert, method)}})
     examples = _ner_examples(nlp, 8, seed=0)
     nlp.initialize(lambda: examples)
-    module = get_module(ner.model)
+    module = get_adapter(ner.model)
     backbone = module.backbone.model
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     prompts_before = {k: v.clone() for k, v in module.state_dict().items()}
@@ -130,7 +130,7 @@ def test_initialize_logs_trainable_share(tiny_bert, capsys):
     out = lines[0]
     # 8 tokens x 2 layers x (key + value) x 32 = 1024 prefix parameters.
     assert "ptuning_textcat: training" in out and "method=prefix, length=8" in out
-    module = get_module(nlp.get_pipe("ptuning_textcat").model)
+    module = get_adapter(nlp.get_pipe("ptuning_textcat").model)
     assert sum(p.numel() for p in module.parameters()) == 8 * 2 * 2 * 32
 
 

@@ -1,0 +1,208 @@
+"""The adapter: one task's trainable prompts over the shared frozen backbone.
+
+:class:`Adapter` owns only the prompt parameters. It *borrows* the shared
+frozen backbone: the backbone is not a registered submodule, so it is not in
+``parameters()``/``state_dict()``, never reaches the optimizer and is never
+saved. The forward pass runs the backbone on length-sorted groups of similar
+length (:func:`length_groups`), with the prompts injected as key/value
+prefixes (``injection.py``) or as input embeddings.
+"""
+from typing import List, Optional
+
+import torch
+
+from .backbone import Backbone, load_backbone
+from .errors import ConfigError, Errors
+from .injection import injected_prefix
+from .prompts import METHODS, Method
+
+# Input-prompt methods must leave at least this many positions for the text
+# (special tokens included): fewer cannot hold a sentence of a few words.
+MIN_TEXT_POSITIONS = 16
+
+
+def _check_settings(
+    backbone: Backbone,
+    method: str,
+    num_virtual_tokens: int,
+    options: dict,
+    prompt_dropout: float,
+    max_batch_tokens: int,
+) -> Method:
+    """Refuse settings that cannot work, before anything is built."""
+    if method not in METHODS:
+        raise ConfigError(Errors.E003.format(method=method, choices=", ".join(METHODS)))
+    spec = METHODS[method]
+    if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
+        raise ConfigError(Errors.E004.format(n=num_virtual_tokens))
+    for option, value in options.items():
+        owners = [name for name, m in METHODS.items() if option in m.options]
+        default = METHODS[owners[0]].options[option]
+        if option not in spec.options and value != default:
+            raise ConfigError(
+                Errors.E011.format(option=option, value=value, method=method, used_by=", ".join(owners))
+            )
+    if method == "prompt_encoder" and options["prompt_encoder"] not in ("lstm", "mlp"):
+        raise ConfigError(Errors.E005.format(kind=options["prompt_encoder"]))
+    if not isinstance(options["prefix_projection"], int) or options["prefix_projection"] < 0:
+        raise ConfigError(
+            Errors.E012.format(option="prefix_projection", rule="0 (none) or a positive hidden size", value=options["prefix_projection"])
+        )
+    if not 0.0 <= prompt_dropout < 1.0:
+        raise ConfigError(Errors.E012.format(option="prompt_dropout", rule="in [0, 1)", value=prompt_dropout))
+    if not isinstance(max_batch_tokens, int) or max_batch_tokens < 0:
+        raise ConfigError(
+            Errors.E012.format(option="max_batch_tokens", rule="0 (no grouping) or a positive number of wordpieces", value=max_batch_tokens)
+        )
+    if spec.input_prompts and backbone.max_length - num_virtual_tokens < MIN_TEXT_POSITIONS:
+        raise ConfigError(
+            Errors.E013.format(
+                method=method,
+                n=num_virtual_tokens,
+                left=max(0, backbone.max_length - num_virtual_tokens),
+                max_length=backbone.max_length,
+                minimum=MIN_TEXT_POSITIONS,
+                most=max(0, backbone.max_length - MIN_TEXT_POSITIONS),
+            )
+        )
+    return spec
+
+
+class Adapter(torch.nn.Module):
+    """One task's trainable continuous prompts over a borrowed frozen backbone.
+
+    ``forward(input_ids, attention_mask, token_type_ids)`` returns the last
+    hidden states of the real wordpieces only, shape (batch, length, width).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        method: str = "prefix",
+        num_virtual_tokens: int = 16,
+        prefix_projection: int = 0,
+        prompt_encoder: str = "lstm",
+        prompt_dropout: float = 0.0,
+        max_batch_tokens: int = 4096,
+    ):
+        super().__init__()
+        options = {"prefix_projection": prefix_projection, "prompt_encoder": prompt_encoder}
+        spec = _check_settings(backbone, method, num_virtual_tokens, options, prompt_dropout, max_batch_tokens)
+        self._backbone = [backbone]  # a list, so torch does not register it
+        self.max_batch_tokens = max_batch_tokens
+        # Padding efficiency: real wordpieces / positions sent to the backbone.
+        self.tokens_real = 0
+        self.tokens_sent = 0
+        self.method = method
+        self.input_prompts = spec.input_prompts
+        self.num_virtual_tokens = num_virtual_tokens
+        self.prompts: torch.nn.Module = spec.build(backbone, num_virtual_tokens, options, prompt_dropout)
+        self.to(backbone.device)
+
+    @property
+    def backbone(self) -> Backbone:
+        return self._backbone[0]
+
+    @property
+    def max_length(self) -> int:
+        """Most real wordpieces per sequence. Prefixes take no positions;
+        input prompts occupy ``num_virtual_tokens`` of them."""
+        if self.input_prompts:
+            return self.backbone.max_length - self.num_virtual_tokens
+        return self.backbone.max_length
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.cuda()/.cpu() on the adapter rebinds it to the shared copy
+        # of its backbone on the new device (loaded there once if needed).
+        result = super()._apply(fn, *args, **kwargs)
+        params = list(self.parameters())
+        if hasattr(self, "_backbone") and params:
+            bb = self.backbone
+            if params[0].device != bb.device:
+                self._backbone[0] = load_backbone(
+                    bb.name, revision=bb.revision, dtype=bb.dtype, device=params[0].device
+                )
+        return result
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Run the backbone on length-sorted groups of similar length (less
+        padding), and return the hidden states in the input order and shape
+        (batch, length, width); padding positions hold zeros."""
+        lengths = [int(n) for n in attention_mask.sum(dim=1).tolist()]
+        batch_size, width = input_ids.shape
+        self.tokens_real += int(sum(lengths))
+        if self.max_batch_tokens <= 0 or self.backbone.tokenizer.padding_side != "right":
+            self.tokens_sent += batch_size * width
+            return self._encode(input_ids, attention_mask, token_type_ids)
+        groups = length_groups(lengths, self.max_batch_tokens)
+        outputs, order = [], []
+        for group in groups:
+            n = max(1, max(lengths[i] for i in group))
+            index = torch.tensor(group, device=input_ids.device)
+            types = token_type_ids[index, :n] if token_type_ids is not None else None
+            hidden = self._encode(input_ids[index, :n], attention_mask[index, :n], types)
+            self.tokens_sent += len(group) * n
+            outputs.append(torch.nn.functional.pad(hidden, (0, 0, 0, width - n)))
+            order.extend(group)
+        hidden = torch.cat(outputs)
+        if order != sorted(order):  # back to the input order
+            hidden = hidden[torch.argsort(torch.tensor(order, device=hidden.device))]
+        return hidden
+
+    def _encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        model = self.backbone.model
+        batch_size = input_ids.shape[0]
+        P = self.num_virtual_tokens
+        ones = attention_mask.new_ones((batch_size, P))
+        mask = torch.cat([ones, attention_mask], dim=1)
+        extra = {}
+        if not self.input_prompts:
+            # Real tokens keep their own inputs, positions and token types; only
+            # the keys/values (and the mask over them) grow by P.
+            if token_type_ids is not None and self.backbone.takes_token_types:
+                extra["token_type_ids"] = token_type_ids
+            if not self.backbone.family.mask_includes_prefix:
+                mask = attention_mask
+            with injected_prefix(self.backbone, self.prompts(batch_size)):
+                output = model(input_ids=input_ids, attention_mask=mask, **extra)
+            return output.last_hidden_state.float()
+        embeds = model.get_input_embeddings()(input_ids)
+        virtual = self.prompts(batch_size).to(embeds.dtype)
+        if token_type_ids is not None and self.backbone.takes_token_types:
+            zeros = token_type_ids.new_zeros((batch_size, P))
+            extra["token_type_ids"] = torch.cat([zeros, token_type_ids], dim=1)
+        output = model(inputs_embeds=torch.cat([virtual, embeds], dim=1), attention_mask=mask, **extra)
+        # Drop the virtual positions before alignment to spaCy tokens.
+        return output.last_hidden_state[:, P:].float()
+
+
+def length_groups(lengths: List[int], max_tokens: int, max_ratio: float = 1.5) -> List[List[int]]:
+    """Indices grouped by similar length, shortest first: a group closes when
+    its padded size would pass max_tokens or its longest sequence would be
+    more than max_ratio times its shortest."""
+    groups: List[List[int]] = []
+    current: List[int] = []
+    shortest = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        n = max(1, lengths[i])
+        if current and ((len(current) + 1) * n > max_tokens or n > max_ratio * shortest):
+            groups.append(current)
+            current = []
+        if not current:
+            shortest = n
+        current.append(i)
+    if current:
+        groups.append(current)
+    return groups
+
+
