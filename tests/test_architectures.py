@@ -123,6 +123,10 @@ def _examples(nlp):
 
 @pytest.mark.parametrize("method", ["prefix", "prompt_encoder", "prompt"])
 def test_every_architecture_trains_frozen_and_round_trips(any_tiny_backbone, method, tmp_path):
+    """A few updates on every family: every prompt tensor moves, the backbone
+    does not, and the saved pipeline predicts exactly what the trained one
+    does. (That the prompts compute the right thing is the reference tests'
+    job; that they learn, test_training's.)"""
     fix_random_seed(0)
     nlp = spacy.blank("en")
     tok2vec = {"@architectures": "spacy_ptuning.PTuningTransformer.v1", "backbone": any_tiny_backbone,
@@ -132,17 +136,12 @@ def test_every_architecture_trains_frozen_and_round_trips(any_tiny_backbone, met
     nlp.initialize(lambda: examples)
     module = get_adapter(nlp.get_pipe("ptuning_textcat").model)
     frozen = {k: v.clone() for k, v in module.backbone.model.state_dict().items()}
+    initial = {k: v.clone() for k, v in module.state_dict().items()}
     optimizer = Adam(0.05)
-    losses = []
-    for _ in range(25):
-        step = {}
-        nlp.update(examples, sgd=optimizer, losses=step)
-        losses.append(step["ptuning_textcat"])
-    assert losses[-1] < 0.5 * losses[0], losses
-    assert sum(  # learnt the training set
-        (doc.cats["POS"] > 0.5) == (ex.reference.cats["POS"] > 0.5)
-        for doc, ex in zip(nlp.pipe([e.text for e in examples]), examples)
-    ) == len(examples)
+    for _ in range(3):
+        nlp.update(examples, sgd=optimizer)
+    for k, v in module.state_dict().items():
+        assert not torch.equal(v, initial[k]), f"prompt tensor {k} did not train"
     for k, v in module.backbone.model.state_dict().items():
         assert torch.equal(v, frozen[k]), k
     nlp.to_disk(tmp_path / "pipe")

@@ -77,14 +77,19 @@ def test_prefix_does_not_shift_positions(tiny_backbone):
     """HF PEFT (and the P-Tuning v2 code) let the prefix shift BERT's position
     ids by P; ours keeps the positions of a prefix-free run."""
     backbone = load_backbone(tiny_backbone)
-    module = Adapter(backbone, "prefix", num_virtual_tokens=5)
+    P = 5
+    module = Adapter(backbone, "prefix", num_virtual_tokens=P)
     _randomise(module)
     module.eval()
     input_ids, mask, token_types = _encode(backbone, TEXTS)
+    positions = _real_position_ids(backbone, input_ids)
     with torch.no_grad():
         ours = module(input_ids, mask, token_types)
-        shifted = _reference_with_past(backbone, module, input_ids, mask, token_types, None)
+        kept = _reference_with_past(backbone, module, input_ids, mask, token_types, positions)
+        shifted = _reference_with_past(backbone, module, input_ids, mask, token_types, positions + P)
     real = mask.bool()
+    assert torch.allclose(ours[real], kept[real], atol=1e-5), (ours[real] - kept[real]).abs().max()
+    # The reference can tell the two apart: positions matter in this backbone.
     assert (ours[real] - shifted[real]).abs().max() > 1e-3
 
 
@@ -161,3 +166,41 @@ def test_length_grouping_changes_nothing_but_padding(tiny_bert, method):
     # Gradients reach the prompts through the regrouping.
     many[real].sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in grouped.parameters())
+
+
+@pytest.mark.parametrize("method", ["prompt", "prompt_encoder"])
+def test_input_prompts_equal_the_backbone_run_on_extra_tokens(any_tiny_backbone, method):
+    """Input prompts behave exactly as P extra vocabulary tokens placed before
+    the text, with token type 0: the reference is a separate copy of the
+    backbone whose vocabulary gets P new rows holding the prompt vectors,
+    run on ordinary input ids (HF's own embedding, position and mask code;
+    no inputs_embeds). The real tokens' outputs must match, in their order."""
+    from transformers import AutoModel
+
+    backbone = load_backbone(any_tiny_backbone)
+    P = 4
+    module = Adapter(backbone, method, num_virtual_tokens=P, max_batch_tokens=0)
+    _randomise(module)
+    module.eval()
+    texts = TEXTS + ["a"]  # different lengths: padding on the right
+    input_ids, mask, token_types = _encode(backbone, texts)
+    B = input_ids.shape[0]
+    with torch.no_grad():
+        ours = module(input_ids, mask, token_types)
+        virtual = module.prompts(1)[0]  # (P, embed_width)
+        reference = AutoModel.from_pretrained(any_tiny_backbone, **dict(backbone.family.load_kwargs)).eval()
+        vocab = reference.get_input_embeddings().weight.shape[0]
+        reference.resize_token_embeddings(vocab + P)
+        reference.get_input_embeddings().weight[vocab:] = virtual
+        ids = torch.cat([torch.arange(vocab, vocab + P).expand(B, P), input_ids], dim=1)
+        full_mask = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], dim=1)
+        kwargs = {}
+        if token_types is not None and backbone.takes_token_types:
+            kwargs["token_type_ids"] = torch.cat([torch.zeros(B, P, dtype=token_types.dtype), token_types], dim=1)
+        expected = reference(input_ids=ids, attention_mask=full_mask, **kwargs).last_hidden_state[:, P:]
+        alone = reference(input_ids=input_ids, attention_mask=mask, **({"token_type_ids": token_types} if kwargs else {})).last_hidden_state
+    real = mask.bool()
+    assert ours.shape == (*input_ids.shape, backbone.hidden_width)
+    assert torch.allclose(ours[real], expected[real], atol=1e-5), (ours[real] - expected[real]).abs().max()
+    # The prompts really take part (the reference is not trivially the plain run).
+    assert (expected[real] - alone[real]).abs().max() > 1e-2

@@ -103,7 +103,6 @@ def test_each_method_learns_sentiment(tiny_bert, method):
     losses = _train(nlp, train, steps=50)
     assert sum(losses[-5:]) < 0.6 * sum(losses[:5]), losses
     scores = nlp.evaluate(dev)
-    assert textcat.name in nlp.pipe_names
     assert scores["cats_macro_f"] > 0.75, scores  # chance is 0.5
 
 
@@ -134,14 +133,46 @@ def test_initialize_logs_trainable_share(tiny_bert, capsys):
     assert sum(p.numel() for p in module.parameters()) == 8 * 2 * 2 * 32
 
 
-def test_multilabel_factory(tiny_bert):
+def _multilabel_examples(nlp, n, seed):
+    """Two independent labels: GOOD (a positive word) and CITY (a city name);
+    a quarter of the texts have both, a quarter neither."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        good, city = i % 2 == 0, i % 4 < 2
+        words = rng.sample(FILLER, 3) + [rng.choice(POS if good else NEG)]
+        if city:
+            words.append(rng.choice(CITIES))
+        rng.shuffle(words)
+        cats = {"GOOD": float(good), "CITY": float(city)}
+        out.append(Example.from_dict(nlp.make_doc(" ".join(words)), {"cats": cats}))
+    return out
+
+
+def test_multilabel_factory_is_not_exclusive_and_scores_at_its_threshold(tiny_bert):
     fix_random_seed(0)
     nlp = spacy.blank("en")
     nlp.add_pipe(
-        "ptuning_textcat_multilabel", config={"model": {"tok2vec": _tok2vec_cfg(tiny_bert, "prefix")}}
+        "ptuning_textcat_multilabel",
+        config={"threshold": 0.3, "model": {"tok2vec": _tok2vec_cfg(tiny_bert, "prefix")}},
     )
-    train = _sentiment_examples(nlp, 8, seed=0)
+    train = _multilabel_examples(nlp, 64, seed=5)
     nlp.initialize(lambda: train)
-    _train(nlp, train, steps=2)
-    cats = nlp("a good film").cats
-    assert set(cats) == {"POS", "NEG"}
+    _train(nlp, train, steps=60)
+    both = [ex for ex in _multilabel_examples(nlp, 40, seed=6) if all(ex.reference.cats.values())]
+    docs = list(nlp.pipe([ex.text for ex in both]))
+    # Non-exclusive: one text holds both labels (a softmax could not give both > 0.5).
+    assert sum(d.cats["GOOD"] > 0.5 and d.cats["CITY"] > 0.5 for d in docs) >= len(docs) // 2
+    # The scorer applies the component's threshold (first the config's, then
+    # a changed one): recompute micro P/R by hand.
+    dev = _multilabel_examples(nlp, 40, seed=6)
+    predicted = [d.cats for d in nlp.pipe([ex.text for ex in dev])]
+    for threshold in (0.3, 0.97):
+        if threshold != 0.3:
+            nlp.get_pipe("ptuning_textcat_multilabel").cfg["threshold"] = threshold
+        scores = nlp.evaluate(dev)
+        tp = sum(p[k] >= threshold and ex.reference.cats[k] for p, ex in zip(predicted, dev) for k in p)
+        fp = sum(p[k] >= threshold and not ex.reference.cats[k] for p, ex in zip(predicted, dev) for k in p)
+        fn = sum(p[k] < threshold and ex.reference.cats[k] for p, ex in zip(predicted, dev) for k in p)
+        assert scores["cats_micro_r"] == pytest.approx(tp / (tp + fn))
+        assert scores["cats_micro_p"] == pytest.approx(tp / (tp + fp) if tp + fp else 0.0)
