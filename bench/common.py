@@ -7,6 +7,7 @@ The scripts beside it import it as ``common`` (``python bench/X.py`` puts
 bench/ on the path). gpu_check.py stays standalone: it runs on GPU machines
 that have only spaCy and transformers.
 """
+import json
 import math
 import multiprocessing
 import os
@@ -241,6 +242,18 @@ def lr_factor(t: float, budget: float, warmup_frac: float) -> float:
     return max(0.0, (budget - t) / max(budget - warm, 1e-9))
 
 
+def nlp_update(nlp, sgd, drop: float = 0.0, losses: Optional[dict] = None, step_schedules: bool = False):
+    """``update(batch) -> words`` for Trainer: one ``nlp.update`` (then the
+    optimizer's schedules, if ``step_schedules``)."""
+    def update(batch) -> int:
+        nlp.update(batch, drop=drop, sgd=sgd, losses=losses)
+        if step_schedules:
+            sgd.step_schedules()
+        return sum(len(eg.predicted) for eg in batch)
+
+    return update
+
+
 class Trainer:
     """Runs ``update(batch) -> words`` over ``batches`` ((epoch, batch) pairs),
     timing only the updates. Before each step ``before_step(seconds trained)``
@@ -348,6 +361,23 @@ def machine_info() -> Dict:
             versions[pkg] = None
     return {"cpu_count": os.cpu_count(), "cpu_model": cpu, "python": platform.python_version(),
             "platform": platform.platform(), "versions": versions, "loadavg_start": os.getloadavg()}
+
+
+def stamped(stem: str, tag: str = "") -> str:
+    """A results file stem: ``<stem>_<date-time>[_<tag>]``."""
+    return f"{stem}_{time.strftime('%Y%m%d-%H%M%S')}" + (f"_{tag}" if tag else "")
+
+
+def save_json(obj, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=float))
+    return path
+
+
+def logger() -> Callable[[str], None]:
+    """print() with the seconds since this call in front."""
+    t0 = time.perf_counter()
+    return lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
 
 def wait_quiet(max_seconds: float, below: float = 0.5) -> None:

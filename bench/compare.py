@@ -140,24 +140,30 @@ class SpacySystem:
         self.losses: Dict[str, float] = {}
 
     def set_data(self, train, dev, fixed) -> None:
-        from thinc.api import Adam
-
         self.train, self.dev, self.fixed = common.examples(self.nlp, train), dev, common.examples(self.nlp, fixed)
         # sgd given: spaCy would otherwise resolve the (uninterpolated) [training] block
         self.nlp.initialize(lambda: self.train[:1000], sgd=getattr(self, "opt", None))
         if self.kind != "st":
             self.settings = {"lr": self.peak_lr, **self.opt_settings, "dropout": self.dropout}
-            return
+        else:
+            self._st_optimizer()
+        self.update = common.nlp_update(self.nlp, self.opt, self.dropout, self.losses)
+
+    def _st_optimizer(self) -> None:
+        """Adam with spaCy's transformer settings, the transformer's rate for
+        its parameters and the head's rate for the rest."""
+        from thinc.api import Adam
+
         keys = set()
         for node in self.nlp.get_pipe("transformer").model.walk():
             for shim in node.shims:
                 keys.update((shim.id, n) for n, _ in shim._model.named_parameters())
             keys.update((node.id, n) for n in node.param_names)
-        common_ = dict(beta1=0.9, beta2=0.999, L2=0.01, L2_is_weight_decay=True, grad_clip=1.0, eps=1e-8,
-                       use_averages=False)
+        adam = dict(beta1=0.9, beta2=0.999, L2=0.01, L2_is_weight_decay=True, grad_clip=1.0, eps=1e-8,
+                    use_averages=False)
         head_lr = self.cfg["st_head_lr"] or self.cfg["st_lr"]
         self.peaks = (self.cfg["st_lr"], head_lr)
-        self.opt = RoutedOptimizer(keys, Adam(self.cfg["st_lr"], **common_), Adam(head_lr, **common_))
+        self.opt = RoutedOptimizer(keys, Adam(self.cfg["st_lr"], **adam), Adam(head_lr, **adam))
         self.settings = {"transformer_lr": self.cfg["st_lr"], "head_lr": head_lr, "L2": 0.01, "grad_clip": 1.0,
                          "dropout": self.dropout}
 
@@ -186,13 +192,9 @@ class SpacySystem:
         else:
             self.opt.learn_rate = self.peak_lr * factor
 
-    def update(self, batch) -> int:
-        self.nlp.update(batch, drop=self.dropout, sgd=self.opt, losses=self.losses)
-        return sum(len(eg.predicted) for eg in batch)
-
     def loss(self) -> float:
         v = self.losses.get(self.pipe_name, 0.0)
-        self.losses = {}
+        self.losses.clear()
         return float(v)
 
     def predict(self, batch_size: int):
@@ -217,6 +219,17 @@ class RoutedOptimizer:
     def step_schedules(self):
         self.trf.step_schedules()
         self.head.step_schedules()
+
+
+def first_subwords(enc, row: int) -> List[tuple]:
+    """(column, word index) of each word's first sub-word in ``row`` of a
+    tokenizer output: the sub-word that is labelled (PEFT, token classification)."""
+    out, prev = [], None
+    for col, wid in enumerate(enc.word_ids(row)):
+        if wid is not None and wid != prev:
+            out.append((col, wid))
+        prev = wid
+    return out
 
 
 class PeftSystem:
@@ -286,11 +299,8 @@ class PeftSystem:
             return enc, self.torch.tensor([self.label_id[lab] for _, lab in sents])
         labels = self.torch.full(enc["input_ids"].shape, -100, dtype=self.torch.long)
         for row, (_, tags) in enumerate(sents):
-            prev = None
-            for col, wid in enumerate(enc.word_ids(row)):
-                if wid is not None and wid != prev:  # the first sub-word of each word is labelled
-                    labels[row, col] = self.label_id[tags[wid]]
-                prev = wid
+            for col, wid in first_subwords(enc, row):
+                labels[row, col] = self.label_id[tags[wid]]
         return enc, labels
 
     def update(self, sents) -> int:
@@ -327,12 +337,10 @@ class PeftSystem:
                     pred.extend(self.labels[k] for k in ids)
                     continue
                 for row, (words, _) in enumerate(sents):
-                    tags, prev = ["O"] * len(words), None
-                    for col, wid in enumerate(enc.word_ids(row)):
-                        if wid is not None and wid != prev:
-                            tags[wid] = self.labels[ids[row][col]]
-                        prev = wid
-                    truncated += len(words) - len({w for w in enc.word_ids(row) if w is not None})
+                    tags, firsts = ["O"] * len(words), first_subwords(enc, row)
+                    for col, wid in firsts:
+                        tags[wid] = self.labels[ids[row][col]]
+                    truncated += len(words) - len(firsts)
                     pred.append(tags)
         secs = time.perf_counter() - t0
         docs = []
@@ -480,7 +488,7 @@ def main() -> int:
     args.num_virtual_tokens = args.num_virtual_tokens or task.virtual_tokens
     if args.wait_quiet:
         common.wait_quiet(args.wait_quiet)
-    t_all = time.perf_counter()
+    t_all, log = time.perf_counter(), common.logger()
     command = "python bench/compare.py " + " ".join(sys.argv[1:])
     n_cp = max(1, round(args.budget_seconds / args.checkpoint_seconds))
     checkpoints = [min(args.budget_seconds, args.checkpoint_seconds * (k + 1)) for k in range(n_cp)]
@@ -494,13 +502,10 @@ def main() -> int:
         "seed": args.seed,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    name = args.name or f"compare_{args.task}_{time.strftime('%Y%m%d-%H%M%S')}" + (f"_{args.tag}" if args.tag else "")
+    name = args.name or common.stamped(f"compare_{args.task}", args.tag)
     log_path = args.out_dir / f"{name}.log"
     log_path.unlink(missing_ok=True)
     machine = common.machine_info()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t_all:7.1f}s] {msg}", flush=True)
 
     log(f"{args.task}: load average at start {machine['loadavg_start']}; children log to {log_path}")
     rows: Dict[str, dict] = {s: {} for s in args.systems}
@@ -578,7 +583,7 @@ def main() -> int:
         "checkpoints": checkpoints, "machine": machine, "runtime_s": round(time.perf_counter() - t_all, 1),
         "systems": rows, "summary": report.summarise(rows),
     }
-    (args.out_dir / f"{name}.json").write_text(json.dumps(run, indent=2, default=float))
+    common.save_json(run, args.out_dir / f"{name}.json")
     plot_err = report.plot([run], args.out_dir / f"{name}.png", report.title_of(run))
     text = report.render(run)
     (args.out_dir / f"{name}.md").write_text(text + "\n")

@@ -150,19 +150,14 @@ def target_lines(summ: Dict[str, dict], checkpoints: List[float], task: str) -> 
 def plot(runs: List[dict], path: Path, title: str) -> Optional[str]:
     """Learning curves (dev score vs pure training time) of one or more runs
     of the same task, one line per system and run."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        return f"matplotlib not available: {e}"
+    ax = figure((8, 5))
+    if isinstance(ax, str):
+        return ax
     task = runs[0]["args"].get("task", "ner")
-    fig, ax = plt.subplots(figsize=(8, 5))
     styles = ["-", "--", ":"]
     for i, run in enumerate(runs):
         budget = run["args"]["budget_seconds"]
-        for j, (s, r) in enumerate(run["systems"].items()):
+        for s, r in run["systems"].items():
             cps = r.get("checkpoints") or []
             if not cps:
                 continue
@@ -175,11 +170,28 @@ def plot(runs: List[dict], path: Path, title: str) -> Optional[str]:
     ax.set_ylim(bottom=0 if task == "ner" else 40)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
+    return save(ax, path)
+
+
+def figure(size):
+    """New matplotlib axes (Agg), or why there are none."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return f"matplotlib not available: {e}"
+    return plt.subplots(figsize=size)[1]
+
+
+def save(ax, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return None
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=120)
+    plt.close(ax.figure)
 
 
 def title_of(run: dict) -> str:
@@ -264,20 +276,15 @@ def _dev_sents(run: dict) -> int:
 def plot_ratios(runs: List[dict], path: Path, task: str) -> Optional[str]:
     """Grouped bars: each system's measure divided by (a)'s, from the run
     with the shortest budget (the equal-budget comparison)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        return f"matplotlib not available: {e}"
     run = min(runs, key=lambda r: r["args"]["budget_seconds"])
     summ = summarise(run["systems"])
     a = summ.get("st", {})
     systems = [s for s, v in summ.items() if s != "st" and "trainable" in v]
     if "trainable" not in a or not systems:
         return "no (a) or no other system in the run"
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax = figure((9, 4.5))
+    if isinstance(ax, str):
+        return ax
     width = 0.8 / len(systems)
     for i, s in enumerate(systems):
         vals = [summ[s][k] / a[k] if summ[s].get(k) and a.get(k) else 0 for k, _, _ in RATIOS]
@@ -289,11 +296,7 @@ def plot_ratios(runs: List[dict], path: Path, task: str) -> Optional[str]:
     ax.set_ylabel("relative to (a) spacy-transformers full fine-tuning")
     ax.set_title(title_of(run), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return None
+    return save(ax, path)
 
 
 def main() -> int:
