@@ -7,6 +7,7 @@ saved. The forward pass runs the backbone on length-sorted groups of similar
 length (:func:`length_groups`), with the prompts injected as key/value
 prefixes (``injection.py``) or as input embeddings.
 """
+import copy
 from typing import List, Optional
 
 import torch
@@ -102,6 +103,48 @@ class Adapter(torch.nn.Module):
     @property
     def backbone(self) -> Backbone:
         return self._backbone[0]
+
+    # Pickling and copying never duplicate the shared backbone. A pickle (what
+    # nlp.pipe(n_process=...) sends to spawned workers; pickle.dumps(nlp))
+    # holds the prompts and the backbone's load settings (name, revision,
+    # dtype, device), and unpickling resolves the shared backbone with
+    # load_backbone: in the same process the very same object, in another
+    # process that process's shared copy, loaded from the same files. A pickle
+    # is a transient transfer, not a storage format, so it carries no
+    # fingerprint (nlp.to_disk/to_bytes do, and check it on load). A deep copy
+    # (copy.deepcopy(nlp), thinc's Model.copy) copies the prompts and borrows
+    # the same backbone object.
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__().copy()
+        bb = self.backbone
+        state["_backbone"] = {
+            "name": bb.name,
+            "revision": bb.revision,
+            "dtype": bb.dtype,
+            "device": str(bb.device),
+        }
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        settings = state.get("_backbone")
+        if isinstance(settings, dict):
+            backbone = load_backbone(
+                settings["name"],
+                revision=settings["revision"],
+                dtype=settings["dtype"],
+                device=torch.device(settings["device"]),
+            )
+            state = {**state, "_backbone": [backbone]}
+        super().__setstate__(state)
+
+    def __deepcopy__(self, memo: dict) -> "Adapter":
+        memo[id(self.backbone)] = self.backbone  # shared, never copied
+        copied = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copied
+        for key, value in self.__dict__.items():
+            object.__setattr__(copied, key, copy.deepcopy(value, memo))
+        return copied
 
     @property
     def max_length(self) -> int:

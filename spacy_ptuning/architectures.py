@@ -1,16 +1,25 @@
-"""Registered thinc architectures."""
+"""Registered thinc architectures, and the checks that make a built pipeline
+safe to run anywhere spaCy runs one: in worker processes
+(``nlp.pipe(n_process=...)``, see :func:`_single_threaded_torch_after_fork`),
+on the device thinc was told to use (:func:`_check_torch_device`), with span
+getters that give every token a window (:func:`_check_span_getter`)."""
+import functools
+import os
 from typing import Callable, List, Optional
 
+import torch
 from spacy.tokens import Doc
 from spacy.util import registry
 from spacy_transformers.layers import split_trf_batch
 from spacy_transformers.layers.trfs2arrays import trfs2arrays
-from spacy_transformers.span_getters import configure_strided_spans
-from thinc.api import Model, chain, reduce_mean
+from spacy_transformers.span_getters import configure_strided_spans, get_strided_spans
+from thinc.api import CupyOps, Model, chain, get_current_ops, reduce_mean
 from thinc.types import Floats2d, Ragged
 
 from .backbone import DEFAULT_BACKBONE, load_backbone
 from .adapter import Adapter
+from .errors import ConfigError, Errors
+from .mixed_batch import precomputed
 from .transformer_model import ptuning_transformer_model
 
 
@@ -42,7 +51,8 @@ def ptuning_transformer_v1(
     prompt_encoder: "lstm" or "mlp" (method "prompt_encoder" only).
     prompt_dropout: dropout on the prefixes / prompts while training.
     get_spans: spacy-transformers span getter splitting docs into windows
-        (default: strided spans, window 128, stride 96).
+        (default: strided spans, window 128, stride 96). Strided spans must
+        have stride <= window; any getter must give every token a window.
     pooling: wordpieces -> token pooling (default: mean).
     grad_factor: scale of the gradient flowing back into the prompts.
     revision: HF revision of the backbone.
@@ -52,6 +62,10 @@ def ptuning_transformer_v1(
         length of at most this many padded wordpieces (less padding);
         0 sends the whole batch padded to its longest sequence.
     """
+    _check_torch_device()
+    if get_spans is None:
+        get_spans = configure_strided_spans(window=128, stride=96)
+    _check_span_getter(get_spans)
     shared = load_backbone(backbone, revision=revision, dtype=dtype)
     module = Adapter(
         shared,
@@ -62,8 +76,6 @@ def ptuning_transformer_v1(
         prompt_dropout=prompt_dropout,
         max_batch_tokens=max_batch_tokens,
     )
-    if get_spans is None:
-        get_spans = configure_strided_spans(window=128, stride=96)
     if pooling is None:
         pooling = reduce_mean()
     model = chain(
@@ -77,17 +89,96 @@ def ptuning_transformer_v1(
 
 def _allow_empty_batches(model: Model[List[Doc], List[Floats2d]]) -> Model[List[Doc], List[Floats2d]]:
     """Answer a batch of only empty docs with (0, nO) arrays (trfs2arrays
-    cannot pool an empty batch)."""
-
-    def forward(outer: Model, docs: List[Doc], is_train: bool):
-        if all(len(doc) == 0 for doc in docs):
-            width = outer.get_dim("nO")
-            return [outer.ops.alloc2f(0, width) for _ in docs], lambda d_outputs: docs
-        return model(docs, is_train)
-
+    cannot pool an empty batch). The forward is a module-level function, so
+    the model pickles (spawned workers, pickle.dumps(nlp))."""
     return Model(
         "ptuning-tok2vec",
-        forward,
+        _allow_empty_forward,
         layers=[model],
         dims={"nO": model.get_dim("nO")},
     )
+
+
+def _allow_empty_forward(outer: Model, docs: List[Doc], is_train: bool):
+    if not is_train:  # vectors from a mixed-adapter pass (mixed_batch.pipe_mixed)
+        vectors = precomputed(outer, docs)
+        if vectors is not None:
+            return vectors, lambda d_outputs: docs
+    if all(len(doc) == 0 for doc in docs):
+        width = outer.get_dim("nO")
+        return [outer.ops.alloc2f(0, width) for _ in docs], lambda d_outputs: docs
+    return outer.layers[0](docs, is_train)
+
+
+def _check_span_getter(get_spans: Callable) -> None:
+    """Refuse strided spans that leave tokens out (stride > window), when the
+    config is resolved rather than as zero vectors at prediction time.
+
+    spacy-transformers' ``strided_spans.v1`` (what configs name) steps
+    ``stride`` tokens and takes ``window`` of them, so a stride above the
+    window skips ``stride - window`` tokens per step, and those tokens get no
+    wordpiece and a zero vector; a stride of 0 divides by zero. Its getter is
+    a ``functools.partial`` of a module-level function, so its settings are
+    readable here and existing configs keep working unchanged (no registered
+    wrapper of our own that configs would have to switch to). Other getters
+    (sentences, whole docs, custom ones) are checked on their output at
+    prediction time (``transformer_model._check_coverage``).
+    """
+    if isinstance(get_spans, functools.partial) and get_spans.func is get_strided_spans:
+        window = get_spans.keywords.get("window")
+        stride = get_spans.keywords.get("stride")
+        ok = all(isinstance(v, int) and v >= 1 for v in (window, stride))
+        if not ok or stride > window:
+            raise ConfigError(Errors.E020.format(window=window, stride=stride))
+
+
+def _check_torch_device() -> None:
+    """Refuse a GPU run that torch cannot follow, with what to install.
+
+    ``spacy train --gpu-id 0`` / ``spacy.require_gpu()`` make thinc's current
+    ops CupyOps once CuPy sees a GPU; the backbone then goes to
+    ``torch.device("cuda")``. A CPU-only torch build (the package's default
+    pin) fails there deep inside torch ("Torch not compiled with CUDA
+    enabled"). Without CuPy, thinc itself stops earlier ("Cannot use GPU, CuPy
+    is not installed"), before any of our code runs.
+    """
+    if isinstance(get_current_ops(), CupyOps) and not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            reason = f"this torch ({torch.__version__}) is a CPU-only build"
+        else:
+            reason = (
+                f"this torch ({torch.__version__}, CUDA {torch.version.cuda}) sees no GPU "
+                "(check the NVIDIA driver and CUDA_VISIBLE_DEVICES)"
+            )
+        raise ConfigError(Errors.E022.format(reason=reason))
+
+
+def _single_threaded_torch_after_fork() -> None:
+    """In a forked child, limit torch to one intra-op thread.
+
+    Why: torch's CPU wheels run intra-op parallelism on GNU OpenMP (libgomp,
+    ``torch.__config__.parallel_info()``). libgomp keeps its worker threads in
+    a pool owned by the thread that first opened a parallel region, and it
+    has no fork handler: after ``fork()`` only the forking thread exists in
+    the child, but the inherited pool still lists the parent's workers, so the
+    child's first parallel region (a LayerNorm, a matmul over enough rows)
+    waits forever on threads that do not exist. spaCy's
+    ``nlp.pipe(n_process=...)`` starts its workers with multiprocessing's
+    default start method, fork on Linux, after the parent has usually run the
+    model (initialize, a first batch), so its workers hung. With one thread
+    torch never opens a parallel region (``at::parallel_for`` runs inline
+    when ``get_num_threads() == 1``; ``set_num_threads`` also sets OpenMP's
+    and MKL's counts to 1), and the child runs. torch's own DataLoader does
+    the same in its workers. One thread per worker is also the right size
+    for n_process workers that already share the cores (n_process x
+    threads would oversubscribe them). Spawned workers start a fresh
+    interpreter and keep torch's default. Registered on import, for every
+    fork of a process that uses spacy-ptuning; a child may raise the count
+    again only after an ``exec``.
+    """
+    if torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_single_threaded_torch_after_fork)

@@ -1,13 +1,16 @@
 """Pipeline factories: spaCy's NER / textcat heads over a P-tuned backbone."""
 import re
+from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+import srsly
 from spacy.language import Language
 from spacy.pipeline import EntityRecognizer, MultiLabel_TextCategorizer, TextCategorizer
 from spacy.training import Example
 from thinc.api import Config, Model
 
 from .errors import AdapterError, Errors, PTuningError
+from .serialization import check_saved_backbone
 from .transformer_model import get_adapter
 
 
@@ -98,10 +101,16 @@ def _announce(component) -> None:
 
 
 class _AdapterLoading:
-    """Turn low-level read errors of a saved component into a clear message."""
+    """Check the saved adapter's backbone first (thinc's load checks the
+    layers' widths before the adapter's own check could run, so a backbone
+    of another width would read as a damaged file), and turn low-level read
+    errors of a saved component into a clear message."""
 
     def from_disk(self, path, *, exclude=tuple()):
         try:
+            model_file = Path(path) / "model"
+            if "model" not in exclude and model_file.is_file():
+                check_saved_backbone(self.model, model_file.read_bytes())
             return super().from_disk(path, exclude=exclude)
         except OSError:
             raise
@@ -110,9 +119,21 @@ class _AdapterLoading:
 
     def from_bytes(self, bytes_data, *, exclude=tuple()):
         try:
+            if "model" not in exclude:
+                check_saved_backbone(self.model, _saved_model(bytes_data))
             return super().from_bytes(bytes_data, exclude=exclude)
         except Exception as e:
             raise _load_error(e, "bytes") from e
+
+
+def _saved_model(bytes_data) -> bytes:
+    """The model's bytes in a component's to_bytes (b"" if unreadable: the
+    component's own load then reports it)."""
+    try:
+        msg = srsly.msgpack_loads(bytes_data)
+        return msg.get("model", b"") if isinstance(msg, dict) else b""
+    except Exception:
+        return b""
 
 
 def _load_error(error: Exception, where: str) -> Exception:

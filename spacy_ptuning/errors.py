@@ -94,3 +94,30 @@ class Errors(metaclass=ErrorsWithCodes):
         "{expected}, found {found}): the file was damaged after it was saved. "
         "Restore it from a copy or retrain it."
     )
+    E016 = (
+        "The saved adapter has format '{found}', which this version of "
+        "spacy-ptuning cannot read (it reads {known}). It was saved by a newer "
+        "spacy-ptuning: upgrade spacy-ptuning to load it."
+    )
+    E020 = (
+        "The span getter's stride ({stride}) must be at least 1 and at most its "
+        "window ({window}): strided spans start every `stride` tokens and hold "
+        "`window` tokens, so a larger stride skips tokens, which would get zero "
+        "vectors. Use stride <= window (e.g. window = 128, stride = 96: windows "
+        "overlap by 32 tokens) in [components.NAME.model.tok2vec.get_spans]."
+    )
+    E021 = (
+        "The span getter {getter} gave no window to {missing} of the {total} "
+        "tokens of doc {doc} in this batch (first: token {first}, '{text}'); they "
+        "would get zero vectors. A span getter must return spans of that doc "
+        "that cover all its tokens: use spacy-transformers.strided_spans.v1 "
+        "(stride <= window), doc_spans.v1 or sent_spans.v1, or fix the getter."
+    )
+    E022 = (
+        "thinc is set to run on the GPU (spacy train --gpu-id, spacy.require_gpu "
+        "or prefer_gpu), but {reason}, so the backbone cannot go to the GPU. "
+        "Install a CUDA build of torch and a matching CuPy (as in the README's GPU "
+        "section: pip install torch --index-url https://download.pytorch.org/whl/cu121, "
+        "picking your CUDA version, and pip install cupy-cuda12x), or run on the "
+        "CPU (leave out --gpu-id, or --gpu-id -1)."
+    )

@@ -56,9 +56,10 @@ class _Injection:
     hidden states entering the current attention module (where a family's
     projections also see other inputs)."""
 
-    def __init__(self, model: torch.nn.Module, prefix: KVPrefix):
+    def __init__(self, model: torch.nn.Module, prefix: KVPrefix, mask: Optional[torch.Tensor] = None):
         self.model = model
         self.prefix = prefix
+        self.mask = mask
         self.calls = [0, 0]
         self.hidden: Optional[torch.Tensor] = None
 
@@ -94,11 +95,18 @@ def _attention_hook(model: torch.nn.Module, module: torch.nn.Module, pad_args):
             return None
         bound = signature.bind(*args, **kwargs)
         active.hidden = next(iter(bound.arguments.values()))
-        for arg, fill in pad_args:
+        for arg, kind in pad_args:
             value = bound.arguments.get(arg)
-            if value is not None:
-                pad = value.new_full((*value.shape[:-1], active.length), fill)
-                bound.arguments[arg] = torch.cat([pad, value], dim=-1)
+            if value is None:
+                continue
+            shape = (*value.shape[:-1], active.length)
+            if kind == "keep_mask" and active.mask is not None:
+                # Per-row prefix columns (mixed batches): (B, P) -> (B, 1.., P).
+                view = (active.mask.shape[0],) + (1,) * (value.dim() - 2) + (active.length,)
+                pad = active.mask.view(view).expand(shape).to(value.dtype)
+            else:  # keep_mask: every prefix column is kept; bias: no bias
+                pad = value.new_full(shape, 1 if kind == "keep_mask" else 0)
+            bound.arguments[arg] = torch.cat([pad, value], dim=-1)
         return bound.args, bound.kwargs
 
     return hook
@@ -121,11 +129,19 @@ def _real_keys_only(model: torch.nn.Module, method):
 
 
 @contextmanager
-def injected_prefix(backbone: "Backbone", prefix: KVPrefix) -> Iterator[None]:
+def injected_prefix(
+    backbone: "Backbone", prefix: KVPrefix, mask: Optional[torch.Tensor] = None
+) -> Iterator[None]:
     """Within this block, in this thread only, every layer of the backbone
-    attends to ``prefix[layer] = (keys, values)``, each (batch, P, kv_width)."""
+    attends to ``prefix[layer] = (keys, values)``, each (batch, P, kv_width).
+
+    ``mask`` (batch, P), 1 = attend, is for batches whose rows hold prefixes
+    of different adapters and lengths (padded to P): for families whose 2-D
+    attention mask covers the prefix the caller puts it there too; for the
+    others (``mask_includes_prefix=False``) it fills their keep-mask here.
+    """
     previous = getattr(_local, "active", None)
-    injection = _Injection(backbone.model, prefix)
+    injection = _Injection(backbone.model, prefix, mask)
     _local.active = injection
     try:
         yield

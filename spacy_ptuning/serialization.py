@@ -5,26 +5,53 @@ in a msgpack envelope; never pickle.
 ``from_bytes``: thinc's would pickle the whole torch module (and with it a
 reference to the backbone); ours saves only the prompt tensors and checks,
 on load, that the backbone in memory is the one the adapter was trained on.
+
+The envelope (format ``spacy-ptuning-adapter/2``) holds ``format``,
+``backbone`` (the name it was trained with), ``fingerprint`` (see
+``identity.py``), ``method``, ``num_virtual_tokens``, ``weights`` (the
+safetensors bytes) and ``weights_sha256`` (their checksum). Loading checks,
+in order: the backbone's identity (E006), the checksum (E015), that the
+tensors are finite (E014), and that they fit the configured prompts (E007).
+Format /1 (no checksum, a sampled weight hash) still loads.
+
+thinc's ``Model.from_bytes`` sets every node's dims before it hands the shim
+its bytes, so a backbone of another width would fail there first, as a
+dimension clash; :func:`check_saved_backbone` reads the adapter headers out
+of a component's saved model and checks identity before thinc's load (the
+components call it first).
 """
+import hashlib
+from typing import Optional
+
 import srsly
+import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from thinc.api import PyTorchShim
+from thinc.api import Model, PyTorchShim
 
 from .adapter import Adapter
+from .backbone import Backbone
 from .errors import AdapterError, Errors
-from .identity import describe_fingerprint
+from .identity import compare_fingerprints, compare_legacy, describe_fingerprint, legacy_fingerprint
 
-ADAPTER_FORMAT = "spacy-ptuning-adapter/1"
+FORMAT_PREFIX = "spacy-ptuning-adapter/"
+ADAPTER_FORMAT = FORMAT_PREFIX + "2"
+LEGACY_FORMAT = FORMAT_PREFIX + "1"
+
+
+def weights_checksum(weights: bytes) -> str:
+    return hashlib.sha256(weights).hexdigest()
 
 
 class AdapterShim(PyTorchShim):
     """PyTorchShim that saves only the prompts, as safetensors, with the
-    backbone's fingerprint; loading checks it and never unpickles."""
+    backbone's fingerprint and a checksum; loading checks both and never
+    unpickles."""
 
     def to_bytes(self) -> bytes:
         module: Adapter = self._model
         tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        weights = st_save(tensors)
         return srsly.msgpack_dumps(
             {
                 "format": ADAPTER_FORMAT,
@@ -32,30 +59,26 @@ class AdapterShim(PyTorchShim):
                 "fingerprint": module.backbone.fingerprint(),
                 "method": module.method,
                 "num_virtual_tokens": module.num_virtual_tokens,
-                "weights": st_save(tensors),
+                "weights": weights,
+                "weights_sha256": weights_checksum(weights),
             }
         )
 
     def from_bytes(self, bytes_data: bytes) -> "AdapterShim":
         module: Adapter = self._model
+        msg = read_header(bytes_data)
+        check_backbone(msg, module.backbone)
+        if msg["format"] != LEGACY_FORMAT:
+            found = weights_checksum(msg["weights"])
+            if found != msg.get("weights_sha256"):
+                raise AdapterError(Errors.E015.format(expected=msg.get("weights_sha256"), found=found))
         try:
-            msg = srsly.msgpack_loads(bytes_data)
-            if not isinstance(msg, dict) or msg.get("format") != ADAPTER_FORMAT:
-                raise ValueError("missing the spacy-ptuning adapter header")
             tensors = st_load(msg["weights"])
-            expected = msg["fingerprint"]
         except Exception as e:
             raise AdapterError(Errors.E008.format(detail=f"{type(e).__name__}: {e}")) from e
-        found = module.backbone.fingerprint()
-        if expected != found:
-            raise AdapterError(
-                Errors.E006.format(
-                    difference="architecture" if expected.get("architecture") != found.get("architecture") else "weights",
-                    expected=describe_fingerprint(expected),
-                    found=describe_fingerprint(found),
-                    name=module.backbone.name,
-                )
-            )
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise AdapterError(Errors.E014.format(tensor=name))
         try:
             module.load_state_dict(tensors, strict=True)
         except RuntimeError as e:
@@ -63,3 +86,74 @@ class AdapterShim(PyTorchShim):
             raise AdapterError(Errors.E007.format(detail=detail)) from e
         module.to(module.backbone.device)
         return self
+
+
+def read_header(bytes_data: bytes) -> dict:
+    """The adapter envelope, or E008 (unreadable) / E016 (a newer format)."""
+    try:
+        msg = srsly.msgpack_loads(bytes_data)
+        fmt = msg.get("format") if isinstance(msg, dict) else None
+        if not isinstance(fmt, str) or not fmt.startswith(FORMAT_PREFIX):
+            raise ValueError("missing the spacy-ptuning adapter header")
+        if fmt in (ADAPTER_FORMAT, LEGACY_FORMAT):
+            if not isinstance(msg.get("weights"), bytes) or not isinstance(msg.get("fingerprint"), dict):
+                raise ValueError("the adapter header lacks its weights or fingerprint")
+    except Exception as e:
+        raise AdapterError(Errors.E008.format(detail=f"{type(e).__name__}: {e}")) from e
+    if fmt not in (ADAPTER_FORMAT, LEGACY_FORMAT):
+        raise AdapterError(Errors.E016.format(found=fmt, known=f"{LEGACY_FORMAT}, {ADAPTER_FORMAT}"))
+    return msg
+
+
+def check_backbone(msg: dict, backbone: Backbone) -> None:
+    """E006, naming what differs and both backbones, unless the adapter in
+    ``msg`` (a read header) was trained on this backbone."""
+    expected = msg["fingerprint"]
+    if msg["format"] == LEGACY_FORMAT:
+        differences = compare_legacy(expected, backbone.model)
+        found = legacy_fingerprint(backbone.model)
+    else:
+        found = backbone.fingerprint()
+        differences = compare_fingerprints(expected, found, model=backbone.model)
+    if differences:
+        raise AdapterError(
+            Errors.E006.format(
+                difference="; ".join(differences),
+                expected=f"{describe_fingerprint(expected)}, as saved from '{msg.get('backbone')}'",
+                found=describe_fingerprint(found),
+                name=backbone.name,
+            )
+        )
+
+
+def check_saved_backbone(model: Model, model_bytes: bytes) -> None:
+    """Check the backbone identity of every adapter in a component's saved
+    model (thinc's msgpack) against ``model``'s, before thinc's own load,
+    whose dimension checks would otherwise fail first on a backbone of
+    another width. Data that thinc cannot read either is left to thinc's
+    load to report."""
+    try:
+        msg = srsly.msgpack_loads(model_bytes)
+        saved_shims = msg["shims"]
+    except Exception:
+        return
+    nodes = list(model.walk())
+    if not isinstance(saved_shims, list) or len(saved_shims) != len(nodes):
+        return
+    for node, saved in zip(nodes, saved_shims):
+        for i, shim in enumerate(node.shims):
+            if isinstance(shim, AdapterShim) and isinstance(saved, list) and i < len(saved):
+                check_backbone(read_header(saved[i]), shim._model.backbone)
+
+
+def adapter_header(model_bytes: bytes) -> Optional[dict]:
+    """The first adapter envelope in a component's saved model, if any (for
+    inspection and tests)."""
+    msg = srsly.msgpack_loads(model_bytes)
+    for saved in msg.get("shims", []):
+        for data in saved:
+            try:
+                return read_header(data)
+            except AdapterError:
+                continue
+    return None

@@ -8,18 +8,21 @@ input prompts take positions and every token must still get a vector, so
 oversize windows are split here (:func:`_split_oversize`). Tokenisation,
 alignment, truncation and the output classes are spacy-transformers' own.
 """
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
+import numpy
 from spacy.tokens import Doc, Span
 from spacy_transformers.align import get_alignment, get_alignment_via_offset_mapping
 from spacy_transformers.data_classes import FullTransformerBatch, WordpieceBatch
 from spacy_transformers.layers.transformer_model import huggingface_tokenize
 from spacy_transformers.truncate import truncate_oversize_splits
 from thinc.api import ArgsKwargs, Model, xp2torch
+from thinc.types import Ragged
 from thinc.layers.pytorchwrapper import forward as pytorch_forward
 from transformers.file_utils import ModelOutput
 
 from .adapter import Adapter
+from .errors import ConfigError, Errors
 from .serialization import AdapterShim
 
 
@@ -67,6 +70,19 @@ def ptuning_transformer_model(
     )
 
 
+def find_adapter_layers(component) -> List[Tuple[Model, Model, Adapter]]:
+    """(tok2vec layer, its inner chain, adapter) of every spacy-ptuning
+    tok2vec inside a pipeline component (none for other components)."""
+    model = getattr(component, "model", None)
+    if not isinstance(model, Model):
+        return []
+    found = []
+    for node in model.walk():
+        if node.name == "ptuning-tok2vec":
+            found.append((node, node.layers[0], get_adapter(node)))
+    return found
+
+
 def get_adapter(model: Model) -> Adapter:
     """The Adapter inside any model built by this package."""
     for node in model.walk():
@@ -76,29 +92,47 @@ def get_adapter(model: Model) -> Adapter:
     raise ValueError("No spacy-ptuning adapter in this model.")
 
 
+def prepare_wordpieces(
+    model: Model, docs: List[Doc]
+) -> Optional[Tuple[List[List[Span]], WordpieceBatch, Ragged]]:
+    """The windows (spans), wordpieces and alignment the adapter runs on, for
+    a ptuning-transformer model; None when the docs hold no tokens."""
+    module: Adapter = model.layers[0].shims[0]._model
+    get_spans = model.attrs["get_spans"]
+    nested_spans = get_spans(docs)
+    _check_coverage(docs, nested_spans, get_spans)
+    # An empty span (e.g. doc_spans of an empty doc) has no token to encode.
+    nested_spans = [[span for span in doc_spans if len(span)] for doc_spans in nested_spans]
+    flat_spans = [span for doc_spans in nested_spans for span in doc_spans]
+    if not flat_spans:  # only empty docs
+        return None
+    # A tokenizer of our own for this call: the shared backbone's public one
+    # may be in use, or reconfigured, by any other code (backbone.TokenizerPool).
+    with module.backbone.borrow_tokenizer() as tokenizer:
+        while True:
+            batch_encoding = huggingface_tokenize(tokenizer, [span.text for span in flat_spans])
+            lengths = batch_encoding["attention_mask"].sum(axis=1)
+            nested_spans, changed = _split_oversize(nested_spans, lengths, module.max_length)
+            if not changed:
+                break
+            flat_spans = [span for doc_spans in nested_spans for span in doc_spans]
+        wordpieces = WordpieceBatch.from_batch_encoding(batch_encoding)
+        if "offset_mapping" in batch_encoding:
+            align = get_alignment_via_offset_mapping(flat_spans, batch_encoding["offset_mapping"])
+        else:
+            align = get_alignment(flat_spans, wordpieces.strings, tokenizer.all_special_tokens)
+    wordpieces, align = truncate_oversize_splits(wordpieces, align, module.max_length)
+    return nested_spans, wordpieces, align
+
+
 def _transformer_forward(
     model: Model, docs: List[Doc], is_train: bool
 ) -> Tuple[FullTransformerBatch, Callable]:
     adapter = model.layers[0]
-    module: Adapter = adapter.shims[0]._model
-    tokenizer = module.backbone.tokenizer
-    nested_spans = model.attrs["get_spans"](docs)
-    flat_spans = [span for doc_spans in nested_spans for span in doc_spans]
-    if not flat_spans:  # only empty docs
+    prepared = prepare_wordpieces(model, docs)
+    if prepared is None:  # only empty docs
         return FullTransformerBatch.empty(len(docs)), lambda d_output: docs
-    while True:
-        batch_encoding = huggingface_tokenize(tokenizer, [span.text for span in flat_spans])
-        lengths = batch_encoding["attention_mask"].sum(axis=1)
-        nested_spans, changed = _split_oversize(nested_spans, lengths, module.max_length)
-        if not changed:
-            break
-        flat_spans = [span for doc_spans in nested_spans for span in doc_spans]
-    wordpieces = WordpieceBatch.from_batch_encoding(batch_encoding)
-    if "offset_mapping" in batch_encoding:
-        align = get_alignment_via_offset_mapping(flat_spans, batch_encoding["offset_mapping"])
-    else:
-        align = get_alignment(flat_spans, wordpieces.strings, tokenizer.all_special_tokens)
-    wordpieces, align = truncate_oversize_splits(wordpieces, align, module.max_length)
+    nested_spans, wordpieces, align = prepared
     model_output, backprop_adapter = adapter(wordpieces, is_train)
     output = FullTransformerBatch(
         spans=nested_spans, wordpieces=wordpieces, model_output=model_output, align=align
@@ -109,6 +143,49 @@ def _transformer_forward(
         return docs
 
     return output, backprop
+
+
+def _check_coverage(docs: List[Doc], nested_spans: List[List[Span]], get_spans: Callable) -> None:
+    """Refuse spans that leave a token of its doc without a window (it would
+    get a zero vector, silently). Strided spans are checked when the config
+    is resolved (``architectures._check_span_getter``); this catches any
+    getter, on its output. Cost: one boolean mark per span, ~1 microsecond
+    per span (a few per doc), negligible next to the backbone."""
+    for i, (doc, spans) in enumerate(zip(docs, nested_spans)):
+        if not len(doc):
+            continue
+        # The usual case, spans in order without gaps, needs no array.
+        end = 0
+        for span in spans:
+            if span.doc is not doc or span.start > end:
+                break
+            end = max(end, span.end)
+        else:
+            if end >= len(doc):
+                continue
+        covered = numpy.zeros(len(doc), dtype=bool)
+        for span in spans:
+            if span.doc is doc:
+                covered[span.start : span.end] = True
+        if not covered.all():
+            missing = numpy.flatnonzero(~covered)
+            raise ConfigError(
+                Errors.E021.format(
+                    getter=_describe(get_spans),
+                    missing=len(missing),
+                    total=len(doc),
+                    doc=i,
+                    first=int(missing[0]),
+                    text=doc[int(missing[0])].text,
+                )
+            )
+
+
+def _describe(get_spans: Callable) -> str:
+    func = getattr(get_spans, "func", get_spans)
+    name = getattr(func, "__qualname__", type(func).__name__)
+    keywords = getattr(get_spans, "keywords", None)
+    return f"{name}({keywords})" if keywords else name
 
 
 def _split_oversize(

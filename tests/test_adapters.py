@@ -1,4 +1,5 @@
 """One backbone, many adapters: sharing, isolation, adapter-only saving."""
+import hashlib
 import threading
 
 import numpy
@@ -11,6 +12,7 @@ from spacy.util import fix_random_seed
 from thinc.api import Adam
 
 from spacy_ptuning import get_adapter, load_backbone
+from spacy_ptuning.identity import describe_fingerprint
 
 TEXTS = ["alice visited paris today", "a good film", "bob works at acme in london"]
 
@@ -90,9 +92,16 @@ def test_adapter_weights_are_safetensors_with_fingerprint(tiny_bert, tmp_path):
     shim = next(s for node in nlp.get_pipe("ptuning_ner").model.walk() for s in node.shims)
     assert isinstance(shim, AdapterShim)
     msg = srsly.msgpack_loads(shim.to_bytes())
+    assert msg["format"] == "spacy-ptuning-adapter/2"
     tensors = st_load(msg["weights"])
     assert set(tensors) == set(get_adapter(nlp.get_pipe("ptuning_ner").model).state_dict())
-    assert msg["fingerprint"] == load_backbone(tiny_bert).fingerprint()
+    assert msg["weights_sha256"] == hashlib.sha256(msg["weights"]).hexdigest()
+    fingerprint = load_backbone(tiny_bert).fingerprint()
+    assert msg["fingerprint"] == fingerprint
+    assert set(fingerprint) == {"architecture", "tokenizer", "weights"}
+    # The weight sketch covers every floating tensor of the backbone.
+    state = load_backbone(tiny_bert).model.state_dict()
+    assert [n for n, _ in fingerprint["weights"]["tensors"]] == sorted(n for n, t in state.items() if t.is_floating_point())
 
 
 def test_components_and_pipelines_share_one_backbone(tiny_bert, tmp_path):
@@ -120,13 +129,15 @@ def test_training_one_adapter_never_changes_another(tiny_bert):
     assert backbone is get_adapter(cat_nlp.get_pipe("ptuning_textcat").model).backbone
     modes = []
     hook = backbone.model.register_forward_pre_hook(lambda m, a: modes.append(m.training))
-    before = _outputs(cat_nlp)
-    optimizer = Adam(0.05)
-    for _ in range(3):
-        ner_nlp.update(examples, sgd=optimizer, drop=0.3)
+    try:  # the backbone is shared by the whole session: always remove the hook
+        before = _outputs(cat_nlp)
+        optimizer = Adam(0.05)
+        for _ in range(3):
+            ner_nlp.update(examples, sgd=optimizer, drop=0.3)
+            _assert_same(before, _outputs(cat_nlp))
         _assert_same(before, _outputs(cat_nlp))
-    _assert_same(before, _outputs(cat_nlp))
-    hook.remove()
+    finally:
+        hook.remove()
     assert modes and not any(modes)  # the shared backbone never switched to train mode
 
 
@@ -165,10 +176,15 @@ def test_wrong_backbone_is_refused_with_both_names(tiny_bert, other_tiny_bert, t
     override = {"components": {"ptuning_ner": {"model": {"tok2vec": {"backbone": other_tiny_bert}}}}}
     with pytest.raises(ValueError, match=r"\[PT-E006\].*different backbone") as info:
         spacy.load(tmp_path / "pipe", config=override)
-    expected = load_backbone(tiny_bert).fingerprint()["weights_sha256"]
-    found = load_backbone(other_tiny_bert).fingerprint()["weights_sha256"]
-    assert expected in str(info.value) and found in str(info.value)
-    assert other_tiny_bert in str(info.value)
+    message = str(info.value)
+    expected = describe_fingerprint(load_backbone(tiny_bert).fingerprint())
+    found = describe_fingerprint(load_backbone(other_tiny_bert).fingerprint())
+    assert expected != found
+    assert expected in message and found in message
+    assert tiny_bert in message and other_tiny_bert in message
+    # It says what differs: only the (scaled) word embeddings.
+    assert "the weights differ in 'embeddings.word_embeddings.weight' (1 of 1 chunks" in message
+    assert "architecture" not in message and "tokenizer differs" not in message
 
 
 def test_backbone_path_can_be_overridden_at_load_time(tiny_bert, tmp_path):

@@ -124,3 +124,96 @@ def test_twenty_thousand_token_doc(tiny_bert):
     (vectors,) = model.predict([doc])
     assert vectors.shape == (len(doc), 32)
     assert (numpy.abs(vectors).sum(axis=1) > 0).all()
+
+
+# --- Span getters that leave tokens out; the GPU without a CUDA torch ---
+
+
+@pytest.mark.parametrize("window,stride", [(2, 3), (4, 5), (96, 128), (4, 0), (0, 0)])
+def test_strided_spans_with_gaps_are_refused(tiny_bert, window, stride):
+    """spacy-transformers' strided spans with stride > window skip tokens
+    (they would get zero vectors); refused when the config is resolved."""
+    from spacy_transformers.span_getters import configure_strided_spans
+
+    get_spans = configure_strided_spans(window=window, stride=stride)
+    with pytest.raises(ConfigError, match=rf"\[PT-E020\].*stride \({stride}\).*window \({window}\)"):
+        ptuning_transformer_v1(backbone=tiny_bert, num_virtual_tokens=4, get_spans=get_spans)
+    nlp = spacy.blank("en")
+    tok2vec = {
+        "@architectures": "spacy_ptuning.PTuningTransformer.v1",
+        "backbone": tiny_bert,
+        "get_spans": {"@span_getters": "spacy-transformers.strided_spans.v1", "window": window, "stride": stride},
+    }
+    with pytest.raises(ConfigError, match=r"\[PT-E020\]"):
+        nlp.add_pipe("ptuning_ner", config={"model": {"tok2vec": tok2vec}})
+
+
+@pytest.mark.parametrize(
+    "getter",
+    [
+        {"@span_getters": "spacy-transformers.strided_spans.v1", "window": 3, "stride": 3},
+        {"@span_getters": "spacy-transformers.strided_spans.v1", "window": 5, "stride": 2},
+        {"@span_getters": "spacy-transformers.doc_spans.v1"},
+    ],
+)
+def test_span_getters_that_cover_every_token_work(tiny_bert, getter):
+    nlp = spacy.blank("en")
+    model = ptuning_transformer_v1(
+        backbone=tiny_bert, num_virtual_tokens=4, get_spans=spacy.util.registry.resolve({"g": getter})["g"]
+    )
+    model.initialize()
+    docs = [nlp("alice visited paris with bob and carol today ."), nlp("good"), nlp("")]
+    outputs = model.predict(docs)
+    assert [o.shape[0] for o in outputs] == [len(d) for d in docs]
+    assert all((numpy.abs(o).sum(axis=1) > 0).all() for o in outputs)
+
+
+def test_custom_span_getter_that_skips_tokens_is_refused(tiny_bert):
+    """Any getter is checked on its output: a gap is an error naming the
+    getter, the doc and the first token without a window, not zero vectors."""
+
+    def every_other_pair(docs):
+        return [[doc[i : i + 2] for i in range(0, len(doc), 4)] for doc in docs]
+
+    nlp = spacy.blank("en")
+    model = ptuning_transformer_v1(backbone=tiny_bert, num_virtual_tokens=4, get_spans=every_other_pair)
+    model.initialize()
+    ok = nlp("alice met")  # two tokens: covered
+    assert model.predict([ok])[0].shape == (2, 32)
+    bad = nlp("alice met bob in paris")
+    with pytest.raises(ConfigError, match=r"\[PT-E021\].*every_other_pair.*2 of the 5 tokens of doc 1.*token 2, 'bob'"):
+        model.predict([ok, bad])
+    # Spans of another doc cover nothing of this one.
+    other = nlp("alice met bob in paris")
+    stray = ptuning_transformer_v1(backbone=tiny_bert, num_virtual_tokens=4, get_spans=lambda docs: [[other[:]] for _ in docs])
+    stray.initialize()
+    with pytest.raises(ConfigError, match=r"\[PT-E021\].*5 of the 5 tokens of doc 0"):
+        stray.predict([bad])
+
+
+@pytest.mark.parametrize(
+    "cuda_version,expected",
+    [(None, r"CPU-only build"), ("12.1", r"CUDA 12.1\) sees no GPU.*CUDA_VISIBLE_DEVICES")],
+)
+def test_gpu_requested_without_cuda_torch_says_what_to_install(tiny_bert, monkeypatch, cuda_version, expected):
+    """`spacy train --gpu-id 0` with CuPy installed but a torch without CUDA:
+    thinc's ops are CupyOps, torch cannot follow. Our message says what to
+    install instead of torch's 'Torch not compiled with CUDA enabled'."""
+    import torch
+    from thinc.api import CupyOps, get_current_ops, set_current_ops
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", cuda_version)
+    nlp = spacy.blank("en")
+    previous = get_current_ops()
+    set_current_ops(CupyOps())  # what require_gpu() does once CuPy sees a GPU
+    try:
+        with pytest.raises(ConfigError, match=rf"\[PT-E022\].*{expected}") as info:
+            ptuning_transformer_v1(backbone=tiny_bert, num_virtual_tokens=4)
+        with pytest.raises(ConfigError, match=r"\[PT-E022\]"):
+            nlp.add_pipe("ptuning_ner", config={"model": {"tok2vec": {"backbone": tiny_bert}}})
+    finally:
+        set_current_ops(previous)
+    message = str(info.value)
+    assert "cupy-cuda12x" in message and "download.pytorch.org/whl/cu" in message
+    assert "--gpu-id -1" in message
