@@ -173,11 +173,13 @@ class Backbone:
         """This backbone's identity, stored with every saved adapter:
         architecture, tokenizer and a sketch of every weight that float32,
         bfloat16 and float16 loads share (see ``identity.py``); computed
-        once, on the backbone's device."""
+        once, on the backbone's device, from the tokenizer the pipelines
+        use (as it was at load, whatever is done to the public one since)."""
         if self._fingerprint is None:
             from .identity import compute_fingerprint
 
-            self._fingerprint = compute_fingerprint(self.model, self.tokenizer)
+            with self.borrow_tokenizer() as tokenizer:
+                self._fingerprint = compute_fingerprint(self.model, tokenizer)
         return self._fingerprint
 
 

@@ -273,6 +273,14 @@ def test_tokenizer_identity_ignores_runtime_state(tiny_bert):
     assert tokenizer.backend_tokenizer.truncation["max_length"] == 2  # left as it was
 
 
+def test_fingerprint_uses_the_tokenizer_as_loaded(tiny_bert, tmp_path):
+    """The pipelines tokenize with copies taken at load; a change to the
+    public tokenizer afterwards changes neither them nor the identity."""
+    backbone = load_backbone(str(shutil.copytree(tiny_bert, tmp_path / "copy")))
+    backbone.tokenizer.add_tokens(["zzzzz"])
+    assert compare_fingerprints(load_backbone(tiny_bert).fingerprint(), backbone.fingerprint()) == []
+
+
 @pytest.mark.parametrize("backbone", ["tiny_bert", "tiny_roberta"])
 def test_slow_and_fast_tokenizers_of_one_model_agree(request, backbone):
     from transformers import AutoTokenizer
