@@ -21,7 +21,6 @@ of a component's saved model and checks identity before thinc's load (the
 components call it first).
 """
 import hashlib
-from typing import Optional
 
 import srsly
 import torch
@@ -145,15 +144,3 @@ def check_saved_backbone(model: Model, model_bytes: bytes) -> None:
             if isinstance(shim, AdapterShim) and isinstance(saved, list) and i < len(saved):
                 check_backbone(read_header(saved[i]), shim._model.backbone)
 
-
-def adapter_header(model_bytes: bytes) -> Optional[dict]:
-    """The first adapter envelope in a component's saved model, if any (for
-    inspection and tests)."""
-    msg = srsly.msgpack_loads(model_bytes)
-    for saved in msg.get("shims", []):
-        for data in saved:
-            try:
-                return read_header(data)
-            except AdapterError:
-                continue
-    return None
