@@ -121,3 +121,19 @@ class Errors(metaclass=ErrorsWithCodes):
         "picking your CUDA version, and pip install cupy-cuda12x), or run on the "
         "CPU (leave out --gpu-id, or --gpu-id -1)."
     )
+    # Adapter pool and server (E030-E049).
+    E030 = "max_loaded must be at least 1, got {value!r}."
+    E031 = (
+        "Adapter folder '{path}' does not exist. Give a folder that holds one "
+        "saved pipeline (nlp.to_disk) per subfolder, or one pipeline folder."
+    )
+    E032 = (
+        "Adapter '{name}': '{location}' is neither a saved pipeline folder (it "
+        "has no config.cfg) nor an installed spaCy package."
+    )
+    E033 = "Unknown adapter '{name}'. Known adapters: {known}."
+    E034 = "Adapter '{name}' could not be loaded: {error}"
+    E035 = (
+        "Invalid adapter name {name!r}: use 1-128 letters, digits, '_', '-' "
+        "or '.', starting with a letter or digit (names never become paths)."
+    )

@@ -1,0 +1,178 @@
+"""The adapter pool: names, lazy loading, LRU eviction, reload on change,
+bad names and broken adapters."""
+import shutil
+import threading
+import time
+
+import pytest
+import spacy
+
+from spacy_ptuning.pool import AdapterLoadFailed, AdapterPool, InvalidAdapterName, UnknownAdapter
+from spacy_ptuning.transformer_model import find_adapter_layers
+
+from .test_mixed_batch import _pipeline
+
+TEXT = "alice visited paris with bob"
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_bert, tmp_path_factory):
+    """Four saved pipelines: three NER (different prompts), one textcat."""
+    root = tmp_path_factory.mktemp("adapters")
+    nlps = {
+        "ner-a": _pipeline(tiny_bert, "ptuning_ner", "prefix", 4, 11),
+        "ner-b": _pipeline(tiny_bert, "ptuning_ner", "prompt", 5, 12),
+        "ner-c": _pipeline(tiny_bert, "ptuning_ner", "prefix", 3, 13),
+        "sentiment": _pipeline(tiny_bert, "ptuning_textcat", "prefix", 6, 14),
+    }
+    for name, nlp in nlps.items():
+        nlp.to_disk(root / name)
+    return root, nlps
+
+
+def _copy(saved, tmp_path):
+    root = tmp_path / "adapters"
+    shutil.copytree(saved[0], root)
+    return root
+
+
+def _backbone(nlp):
+    return next(a.backbone for _, p in nlp.pipeline for _, _, a in find_adapter_layers(p))
+
+
+def test_names_and_description_without_loading(saved, tiny_bert):
+    root, nlps = saved
+    pool = AdapterPool(root)
+    assert pool.names() == ["ner-a", "ner-b", "ner-c", "sentiment"]
+    info = pool.describe("ner-b")
+    assert info["loaded"] is False and pool.loaded == []
+    (component,) = info["components"]
+    assert component == {
+        "name": "ptuning_ner", "factory": "ptuning_ner", "task": "ner",
+        "labels": list(nlps["ner-b"].get_pipe("ptuning_ner").labels),
+        "method": "prompt", "num_virtual_tokens": 5, "backbone": tiny_bert,
+    }
+    pool.get("ner-b")
+    loaded = pool.describe("ner-b")
+    assert loaded["loaded"] is True and loaded["components"] == info["components"]
+
+
+def test_get_predicts_as_the_saved_pipeline(saved):
+    root, nlps = saved
+    pool = AdapterPool(root)
+    for name, nlp in nlps.items():
+        doc, expected = pool.get(name)(TEXT), nlp(TEXT)
+        assert [(e.start, e.end, e.label_) for e in doc.ents] == [(e.start, e.end, e.label_) for e in expected.ents]
+        assert doc.cats == pytest.approx(expected.cats, abs=1e-6)
+    assert pool.get("ner-a") is pool.get("ner-a")  # loaded once
+    assert pool.stats["loads"] == 4
+
+
+def test_lru_eviction_keeps_the_backbone(saved):
+    root, _ = saved
+    pool = AdapterPool(root, max_loaded=2)
+    backbone = _backbone(pool.get("ner-a"))
+    pool.get("ner-b")
+    pool.get("ner-a")  # now the most recent
+    pool.get("ner-c")  # evicts ner-b, the least recently used
+    assert pool.loaded == ["ner-a", "ner-c"] and pool.stats["evictions"] == 1
+    assert pool.describe("ner-b")["loaded"] is False
+    again = pool.get("ner-b")
+    assert _backbone(again) is backbone
+    assert pool.stats["loads"] == 4 and pool.loaded == ["ner-c", "ner-b"]
+
+
+def test_changed_folder_is_reloaded_and_old_object_keeps_working(saved, tmp_path):
+    root = _copy(saved, tmp_path)
+    nlps = saved[1]
+    pool = AdapterPool(root, check_interval=0)
+    old = pool.get("ner-a")
+    shutil.rmtree(root / "ner-a")
+    nlps["ner-c"].to_disk(root / "ner-a")  # another adapter under the old name
+    new = pool.get("ner-a")
+    assert new is not old and pool.stats["reloads"] == 1
+    got = [(e.start, e.end, e.label_) for e in new(TEXT).ents]
+    assert got == [(e.start, e.end, e.label_) for e in nlps["ner-c"](TEXT).ents]
+    assert [(e.start, e.end) for e in old(TEXT).ents] == [(e.start, e.end) for e in nlps["ner-a"](TEXT).ents]
+
+
+def test_failed_reload_keeps_serving_the_old_version_and_says_why(saved, tmp_path):
+    root = _copy(saved, tmp_path)
+    pool = AdapterPool(root, check_interval=0)
+    old = pool.get("ner-a")
+    model = root / "ner-a" / "ptuning_ner" / "model"
+    model.write_bytes(model.read_bytes()[:100])
+    assert pool.get("ner-a") is old
+    assert "PT-E008" in pool.describe("ner-a")["error"]
+    assert pool.stats["load_failures"] == 1
+
+
+def test_broken_adapter_fails_alone(saved, tmp_path):
+    root = _copy(saved, tmp_path)
+    model = root / "ner-b" / "ptuning_ner" / "model"
+    model.write_bytes(model.read_bytes()[:100])
+    pool = AdapterPool(root)
+    with pytest.raises(AdapterLoadFailed, match=r"ner-b.*\[PT-E008\]"):
+        pool.get("ner-b")
+    assert pool.get("ner-a")(TEXT) is not None
+    assert "PT-E008" in pool.describe("ner-b")["error"]
+
+
+@pytest.mark.parametrize("name", ["../ner-a", "ner-a/../ner-b", "/etc/passwd", "", ".hidden", "a" * 129, "ner a", None])
+def test_invalid_names_never_reach_the_disk(saved, name):
+    pool = AdapterPool(saved[0])
+    with pytest.raises(InvalidAdapterName, match=r"\[PT-E035\]"):
+        pool.get(name)
+
+
+def test_unknown_name_lists_the_known_ones(saved):
+    pool = AdapterPool(saved[0])
+    with pytest.raises(UnknownAdapter, match=r"\[PT-E033\].*'nope'.*ner-a, ner-b, ner-c, sentiment"):
+        pool.get("nope")
+
+
+def test_new_folder_is_found_without_restart(saved, tmp_path):
+    root = _copy(saved, tmp_path)
+    pool = AdapterPool(root)
+    assert "late" not in pool.names()
+    saved[1]["ner-a"].to_disk(root / "late")
+    assert pool.get("late") is not None
+    shutil.rmtree(root / "late")
+    assert "late" not in pool.names()
+
+
+def test_mapping_and_add_remove(saved):
+    root, _ = saved
+    pool = AdapterPool({"x": root / "ner-a"})
+    pool.add("y", root / "sentiment")
+    assert pool.names() == ["x", "y"]
+    assert set(pool.get("y")(TEXT).cats) == {"POS", "NEG"}
+    pool.remove("y")
+    with pytest.raises(UnknownAdapter):
+        pool.get("y")
+    with pytest.raises(FileNotFoundError, match=r"\[PT-E032\]"):
+        pool.add("z", root / "missing")
+
+
+def test_threads_under_eviction_churn(saved):
+    root, nlps = saved
+    pool = AdapterPool(root, max_loaded=2)
+    expected = {name: [(e.start, e.end) for e in nlp(TEXT).ents] for name, nlp in nlps.items() if name != "sentiment"}
+    errors = []
+
+    def work(seed):
+        names = sorted(expected)
+        try:
+            for i in range(12):
+                name = names[(seed + i) % len(names)]
+                assert [(e.start, e.end) for e in pool.get(name)(TEXT).ents] == expected[name]
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert len(pool.loaded) <= 2 and pool.stats["evictions"] > 0
