@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from spacy.cli._util import Arg, Opt, app
+from spacy.cli._util import Arg, Opt, app, import_code
 
 ptuning_cli = typer.Typer(
     name="ptuning",
@@ -51,6 +51,7 @@ def serve_cli(
     preload: str = Opt("", "--preload", help="Adapters to load at start, comma-separated, or 'all'; /ready answers 200 once they are loaded"),
     check_interval: float = Opt(1.0, "--check-interval", help="Seconds between checks of an adapter's folder for changes (a changed folder is reloaded); negative: never"),
     admin_token: Optional[str] = Opt(None, "--admin-token", envvar=ADMIN_TOKEN_ENV, help=f"Bearer token for PUT/DELETE /adapters/NAME (also read from ${ADMIN_TOKEN_ENV}); without one those endpoints answer 403", show_default=False),
+    code_path: Optional[Path] = Opt(None, "--code", "-c", help="Path to Python file with additional code (registered functions, custom components) to import before loading adapters"),
     log_level: str = Opt("info", "--log-level", help="uvicorn's log level"),
     # fmt: on
 ):
@@ -70,6 +71,7 @@ def serve_cli(
         raise typer.Exit(1)
     if batching not in ("mixed", "per_adapter"):
         raise typer.BadParameter("choose 'mixed' or 'per_adapter'", param_hint="--batching")
+    import_code(code_path)
     names = [n.strip() for n in preload.split(",") if n.strip()]
     config = ServeConfig(
         batching=batching,

@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,7 +16,6 @@ import spacy
 import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
-from spacy.language import Language
 from spacy.training import Example
 from spacy.util import fix_random_seed
 
@@ -38,13 +36,19 @@ TOKEN = "s3cret-token"
 SLOW_SECONDS = 0.6
 
 
+# Custom components for test adapters, in a file: imported here and by the
+# serve command's --code (as spaCy's own commands import custom code).
+COMPONENTS = """
+import time
+
+
 @Language.factory("ptuning_test_sleep", default_config={"seconds": 0.5})
 def make_sleep(nlp, name, seconds):
-    """A component that takes `seconds` per batch: a slow adapter."""
-    return _Sleep(seconds)
+    \"\"\"A component that takes `seconds` per batch: a slow adapter.\"\"\"
+    return Sleep(seconds)
 
 
-class _Sleep:
+class Sleep:
     def __init__(self, seconds):
         self.seconds = seconds
 
@@ -56,6 +60,25 @@ class _Sleep:
         docs = list(docs)
         time.sleep(self.seconds)
         return docs
+
+
+@Language.component("ptuning_test_fragile")
+def fragile(doc):
+    \"\"\"Fails on texts with 'boom': an adapter that breaks at inference.\"\"\"
+    if "boom" in doc.text:
+        raise ValueError("boom: this adapter failed on purpose")
+    return doc
+"""
+
+
+@pytest.fixture(scope="module")
+def components_file(tmp_path_factory):
+    from spacy.cli._util import import_code
+
+    path = tmp_path_factory.mktemp("code") / "components.py"
+    path.write_text(COMPONENTS)
+    import_code(path)
+    return path
 
 
 def _pipeline(backbone, factories, method, n, seed):
@@ -84,7 +107,7 @@ def _pipeline(backbone, factories, method, n, seed):
 
 
 @pytest.fixture(scope="module")
-def adapters_dir(tiny_bert, other_tiny_bert, tmp_path_factory):
+def adapters_dir(tiny_bert, other_tiny_bert, tmp_path_factory, components_file):
     root = tmp_path_factory.mktemp("adapters")
     _pipeline(tiny_bert, ["ptuning_ner"], "prefix", 4, 1).to_disk(root / "ner")
     _pipeline(tiny_bert, ["ptuning_textcat"], "prompt", 6, 2).to_disk(root / "sentiment")
@@ -93,6 +116,9 @@ def adapters_dir(tiny_bert, other_tiny_bert, tmp_path_factory):
     slow = _pipeline(tiny_bert, ["ptuning_textcat"], "prefix", 3, 6)
     slow.add_pipe("ptuning_test_sleep", config={"seconds": SLOW_SECONDS})
     slow.to_disk(root / "slow")
+    fragile = _pipeline(tiny_bert, ["ptuning_ner"], "prompt", 2, 10)
+    fragile.add_pipe("ptuning_test_fragile")
+    fragile.to_disk(root / "fragile")
     # A corrupted adapter file ([PT-E008]) and one saved for another backbone ([PT-E006]).
     _pipeline(tiny_bert, ["ptuning_ner"], "prefix", 4, 7).to_disk(root / "broken")
     model_file = root / "broken" / "ptuning_ner" / "model"
@@ -208,7 +234,7 @@ def test_health_ready_and_preload(server):
     ready = server.get("/ready")
     assert ready.status_code == 200
     body = ready.json()
-    assert body["status"] == "ready" and body["adapters"] == 7
+    assert body["status"] == "ready" and body["adapters"] == 8
     assert set(SERVED) <= set(body["loaded"]) and body["preload_errors"] == {}
 
 
@@ -216,7 +242,7 @@ def test_adapters_lists_loaded_and_not_loaded(server):
     r = server.get("/adapters")
     assert r.status_code == 200
     adapters = {a["name"]: a for a in r.json()["adapters"]}
-    assert set(adapters) == {"broken", "mismatched", "multi", "ner", "sentiment", "slow", "topics"}
+    assert set(adapters) == {"broken", "fragile", "mismatched", "multi", "ner", "sentiment", "slow", "topics"}
     assert adapters["ner"]["loaded"] is True and adapters["slow"]["loaded"] is False
     ner = adapters["ner"]["components"]
     assert [(c["task"], c["labels"], c["method"], c["num_virtual_tokens"]) for c in ner] == [("ner", ["PER"], "prefix", 4)]
@@ -378,6 +404,21 @@ def test_broken_adapters_answer_their_error_and_others_keep_serving(server, expe
     adapters = {a["name"]: a for a in server.get("/adapters").json()["adapters"]}
     assert "[PT-E008]" in adapters["broken"]["error"] and adapters["broken"]["loaded"] is False
     assert adapters["ner"]["error"] is None
+
+
+def test_adapter_failing_at_inference_fails_only_its_items(server, expected):
+    r = server.post("/adapters/fragile/process", json={"texts": ["alice", "boom"]})
+    assert r.status_code == 500 and "boom: this adapter failed on purpose" in r.json()["detail"]
+    assert server.post("/adapters/fragile/process", json={"texts": ["alice"]}).status_code == 200
+    # In one batch with other adapters: the others' items are answered.
+    items = [{"adapter": "ner", "text": TEXTS[0]}, {"adapter": "fragile", "text": "boom"},
+             {"adapter": "sentiment", "text": TEXTS[1]}]
+    r = server.post("/process", json={"items": items})
+    assert r.status_code == 200 and r.json()["errors"] == 1
+    results = r.json()["results"]
+    assert results[1] == {"adapter": "fragile", "error": "ValueError: boom: this adapter failed on purpose"}
+    _assert_doc(results[0], expected["ner"][TEXTS[0]])
+    _assert_doc(results[2], expected["sentiment"][TEXTS[1]])
 
 
 def test_preload_of_a_broken_adapter_is_reported_and_server_is_ready(adapters_dir):
@@ -590,12 +631,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_spacy_cli_serve_command(adapters_dir, expected):
+def test_spacy_cli_serve_command(adapters_dir, expected, components_file):
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", SPACY_PTUNING_ADMIN_TOKEN=TOKEN)
     proc = subprocess.Popen(
         [sys.executable, "-m", "spacy", "ptuning", "serve", str(adapters_dir), "--port", str(port),
-         "--preload", "ner", "--max-wait-ms", "2", "--log-level", "info"],
+         "--preload", "ner", "--max-wait-ms", "2", "--log-level", "info", "--code", str(components_file)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
     )
     try:
@@ -615,6 +656,15 @@ def test_spacy_cli_serve_command(adapters_dir, expected):
             _assert_doc(r.json()["docs"][0], expected["ner"][TEXTS[0]])
             # The token came from the environment: admin endpoints are on.
             assert client.delete("/adapters/ner").status_code == 401
+            # SIGINT with a request in flight: it is answered, then the server exits.
+            assert client.post("/adapters/slow/process", json={"texts": ["warm"]}).status_code == 200
+            results = []
+            thread = _post_in_thread(client.base_url, "/adapters/slow/process", {"texts": ["a good film"]}, results)
+            _wait_for(lambda: _metric(client, "ptuning_queue_texts") == 1, what="the slow request")
+            proc.send_signal(signal.SIGINT)
+            thread.join(30)
+            assert results and not isinstance(results[0], Exception), results
+            assert results[0].status_code == 200
     finally:
         proc.send_signal(signal.SIGINT)
         try:
