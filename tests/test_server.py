@@ -41,6 +41,8 @@ SLOW_SECONDS = 0.6
 COMPONENTS = """
 import time
 
+from spacy.language import Language
+
 
 @Language.factory("ptuning_test_sleep", default_config={"seconds": 0.5})
 def make_sleep(nlp, name, seconds):
