@@ -98,7 +98,27 @@ class Adapter(torch.nn.Module):
         self.input_prompts = spec.input_prompts
         self.num_virtual_tokens = num_virtual_tokens
         self.prompts: torch.nn.Module = spec.build(backbone, num_virtual_tokens, options, prompt_dropout)
+        self._prompt_cache: Optional[tuple] = None
         self.to(backbone.device)
+
+    def prompt_values(self, batch_size: int):
+        """``self.prompts(batch_size)``; at inference (eval mode, no grad)
+        computed once and reused while the parameters stay equal to a copy
+        taken then (an exact check; thinc's optimizers update the tensors
+        through array views that torch's version counters do not see). The
+        P-Tuning v1 LSTM or a prefix MLP costs far more than the check."""
+        if self.training or torch.is_grad_enabled():
+            return self.prompts(batch_size)
+        params = [p.detach() for p in self.parameters()]
+        cache = self._prompt_cache
+        if cache is None or len(cache[0]) != len(params) or not all(
+            torch.equal(a, b) for a, b in zip(cache[0], params)
+        ):
+            cache = self._prompt_cache = ([p.clone() for p in params], self.prompts(1))
+        values = cache[1]
+        if self.input_prompts:
+            return values.expand(batch_size, -1, -1)
+        return [(k.expand(batch_size, -1, -1), v.expand(batch_size, -1, -1)) for k, v in values]
 
     @property
     def backbone(self) -> Backbone:
@@ -117,6 +137,7 @@ class Adapter(torch.nn.Module):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__().copy()
+        state["_prompt_cache"] = None
         bb = self.backbone
         state["_backbone"] = {
             "name": bb.name,
@@ -216,11 +237,11 @@ class Adapter(torch.nn.Module):
                 extra["token_type_ids"] = token_type_ids
             if not self.backbone.family.mask_includes_prefix:
                 mask = attention_mask
-            with injected_prefix(self.backbone, self.prompts(batch_size)):
+            with injected_prefix(self.backbone, self.prompt_values(batch_size)):
                 output = model(input_ids=input_ids, attention_mask=mask, **extra)
             return output.last_hidden_state.float()
         embeds = model.get_input_embeddings()(input_ids)
-        virtual = self.prompts(batch_size).to(embeds.dtype)
+        virtual = self.prompt_values(batch_size).to(embeds.dtype)
         if token_type_ids is not None and self.backbone.takes_token_types:
             zeros = token_type_ids.new_zeros((batch_size, P))
             extra["token_type_ids"] = torch.cat([zeros, token_type_ids], dim=1)

@@ -195,7 +195,7 @@ def encode_rows(
         for row in rows:
             if id(row.adapter) not in prompts:
                 row.adapter.eval()
-                prompts[id(row.adapter)] = row.adapter.prompts(1)
+                prompts[id(row.adapter)] = row.adapter.prompt_values(1)
         for group in groups:
             outputs = _encode_group(backbone, [rows[i] for i in group], prompts)
             for i, h in zip(group, outputs):

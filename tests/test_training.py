@@ -1,6 +1,8 @@
 """Training through the spaCy components: frozen backbone, learning, logging."""
 import random
 
+import numpy
+
 import pytest
 import spacy
 import torch
@@ -176,3 +178,32 @@ def test_multilabel_factory_is_not_exclusive_and_scores_at_its_threshold(tiny_be
         fn = sum(p[k] < threshold and ex.reference.cats[k] for p, ex in zip(predicted, dev) for k in p)
         assert scores["cats_micro_r"] == pytest.approx(tp / (tp + fn))
         assert scores["cats_micro_p"] == pytest.approx(tp / (tp + fp) if tp + fp else 0.0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_inference_reuses_prompts_until_an_update_changes_them(tiny_bert, method):
+    from thinc.api import Adam
+
+    fix_random_seed(0)
+    nlp = spacy.blank("en")
+    nlp.add_pipe("ptuning_ner", config={"model": {"tok2vec": _tok2vec_cfg(tiny_bert, method)}})
+    train = _ner_examples(nlp, 8, seed=3)
+    nlp.initialize(lambda: train)
+    tok2vec = nlp.get_pipe("ptuning_ner").model.get_ref("tok2vec")
+    adapter = get_adapter(tok2vec)
+    calls = []
+    adapter.prompts.register_forward_hook(lambda *a: calls.append(1))
+    docs = [ex.predicted for ex in train]
+    first = tok2vec.predict(docs)
+    calls.clear()
+    tok2vec.predict(docs)
+    assert calls == []  # the second prediction reused the prompts
+    nlp.update(train, sgd=Adam(0.05))  # thinc's optimizer writes through array views
+    calls.clear()
+    after = tok2vec.predict(docs)
+    assert len(calls) == 1  # recomputed once after the update
+    adapter._prompt_cache = None
+    fresh = tok2vec.predict(docs)
+    for a, b, c in zip(first, after, fresh):
+        assert numpy.array_equal(b, c)  # not stale
+        assert not numpy.allclose(a, b)  # the update did change the vectors

@@ -1,0 +1,391 @@
+#!/usr/bin/env python
+"""Load test of the multi-task server (``python -m spacy ptuning serve``).
+
+Ten adapters on one backbone (5 NER on CoNLL-2003 labels, 5 sentiment on
+SST-2 labels; prompt lengths 8-64; methods prefix, prompt and
+prompt_encoder), 16 concurrent clients sending one dev sentence per request
+(CoNLL-2003 dev to NER adapters, SST-2 dev to sentiment ones, adapters drawn
+uniformly), each mode for a fixed time and request budget, one server process
+at a time on 127.0.0.1:
+
+  (a) mixed       our server, one backbone pass for the texts of many adapters
+  (b) per_adapter our server, each adapter's texts in its own nlp.pipe
+  (c) st          ten spacy-transformers pipelines (transformer + the same
+                  head) of the same backbone, behind the same server code
+
+then (d) churn: 100 adapters with --max-loaded 20 under random traffic, and
+(e) overload: open-loop arrivals at 3x the capacity (a) measured, with a
+small queue: accepted requests must complete, the rest get 503.
+
+Reports docs/s, words/s, p50/p95/p99 latency, errors (by status), server RSS
+(with 1 adapter loaded and with all), rows per backbone pass, adapter loads
+and evictions; writes bench/results/serve_load*.json/.md and a PNG.
+
+    python bench/serve_load.py [--seconds 60] [--max-requests 20000] [--data-dir ../shared/data]
+
+The adapters are initialised on the data's labels, not trained: throughput
+does not depend on the prompt values (NER decoding aside). They are built
+once into bench/results/serve_adapters/ (--rebuild to redo).
+"""
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import common
+
+ADAPTERS = [  # name, task, method, virtual tokens
+    ("ner-prefix-16", "ner", "prefix", 16),
+    ("ner-prefix-64", "ner", "prefix", 64),
+    ("ner-prefix-8", "ner", "prefix", 8),
+    ("ner-prompt-20", "ner", "prompt", 20),
+    ("ner-p1-16", "ner", "prompt_encoder", 16),
+    ("sst-prefix-20", "textcat", "prefix", 20),
+    ("sst-prefix-32", "textcat", "prefix", 32),
+    ("sst-prompt-20", "textcat", "prompt", 20),
+    ("sst-prompt-8", "textcat", "prompt", 8),
+    ("sst-p1-20", "textcat", "prompt_encoder", 20),
+]
+FACTORY = {"ner": "ptuning_ner", "textcat": "ptuning_textcat"}
+
+
+def build_adapters(out: Path, data_dir: Path, rebuild: bool) -> Dict[str, Path]:
+    """Ten ptuning pipelines and ten spacy-transformers ones, initialised on
+    the data's labels; saved once."""
+    import spacy
+    from spacy.training import Example
+
+    if rebuild and out.exists():
+        shutil.rmtree(out)
+    ours, st = out / "ptuning", out / "st"
+    ours.mkdir(parents=True, exist_ok=True)
+    st.mkdir(parents=True, exist_ok=True)
+    if (ours / ADAPTERS[-1][0]).exists() and (st / ADAPTERS[-1][0]).exists():
+        return {"ptuning": ours, "st": st}
+    vocab = spacy.blank("en").vocab
+    samples = {
+        "ner": common.read_conll(data_dir / "conll2003" / "train.iob", vocab, limit=200),
+        "textcat": common.read_sst2(data_dir / "sst2" / "train.tsv", vocab, limit=200),
+    }
+    for name, task, method, n in ADAPTERS:
+        for kind in ("ptuning", "st"):
+            if kind == "ptuning":
+                nlp = spacy.blank("en")
+                nlp.add_pipe(FACTORY[task], config={"model": {"tok2vec": {"method": method, "num_virtual_tokens": n}}})
+            else:
+                nlp = common.st_pipeline(task)
+            egs = common.examples(nlp, samples[task])
+            nlp.initialize(lambda: egs)
+            nlp.to_disk((ours if kind == "ptuning" else st) / name)
+            print(f"built {kind}/{name}", flush=True)
+    return {"ptuning": ours, "st": st}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m spacy ptuning serve` in a child process on 127.0.0.1."""
+
+    def __init__(self, folder: Path, batching: str, max_loaded: int, preload: str, extra: List[str] = ()):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "spacy", "ptuning", "serve", str(folder), "--port", str(self.port),
+               "--batching", batching, "--max-loaded", str(max_loaded), "--log-level", "warning",
+               "--check-interval", "-1", *extra]
+        if preload:
+            cmd += ["--preload", preload]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        import httpx
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("server not ready")
+
+    def rss_mb(self) -> float:
+        import psutil
+
+        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+
+    def metrics(self) -> Dict[str, float]:
+        """Prometheus text -> {'name{labels}': value}."""
+        import httpx
+
+        out = {}
+        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                try:
+                    out[key] = float(value)
+                except ValueError:
+                    pass
+        return out
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def metric(metrics: Dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in metrics.items() if k.split("{")[0] == prefix)
+
+
+async def closed_loop(url, work, clients: int, seconds: float, max_requests: int) -> dict:
+    """`clients` clients, each sending its next request when the last one is
+    answered, until the time or request budget is spent."""
+    import httpx
+
+    latencies, statuses, words = [], {}, 0
+    sent = 0
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def client(k: int, http):
+        nonlocal sent, words
+        rng = random.Random(k)
+        while time.perf_counter() < deadline and sent < max_requests:
+            sent += 1
+            name, text = work(rng)
+            start = time.perf_counter()
+            try:
+                r = await http.post(f"{url}/adapters/{name}/process", json={"texts": [text]})
+                code = r.status_code
+            except httpx.HTTPError as e:
+                code = type(e).__name__
+            statuses[code] = statuses.get(code, 0) + 1
+            if code == 200:
+                latencies.append(time.perf_counter() - start)
+                words += len(text.split())
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+        await asyncio.gather(*(client(k, http) for k in range(clients)))
+    return {"seconds": time.perf_counter() - start, "latencies": latencies, "statuses": statuses, "words": words}
+
+
+async def open_loop(url, work, rate: float, seconds: float, max_requests: int) -> dict:
+    """Requests arriving at `rate` per second (Poisson), whatever the answers."""
+    import httpx
+
+    latencies, statuses = [], {}
+    rng = random.Random(0)
+
+    async def one(name, text, http):
+        start = time.perf_counter()
+        try:
+            r = await http.post(f"{url}/adapters/{name}/process", json={"texts": [text]})
+            code = r.status_code
+        except httpx.HTTPError as e:
+            code = type(e).__name__
+        statuses[code] = statuses.get(code, 0) + 1
+        if code == 200:
+            latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    tasks = []
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+        while time.perf_counter() - start < seconds and len(tasks) < max_requests:
+            tasks.append(asyncio.create_task(one(*work(rng), http)))
+            await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)  # nothing may hang
+    return {"seconds": time.perf_counter() - start, "latencies": latencies, "statuses": statuses,
+            "offered": len(tasks)}
+
+
+def percentile(values: List[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def summarise(mode: str, run: dict, server: Server, rss: Dict[str, float], before: dict, after: dict) -> dict:
+    ok = len(run["latencies"])
+    def delta(name):
+        return metric(after, name) - metric(before, name)
+
+    passes, rows = delta("ptuning_backbone_passes_total"), delta("ptuning_backbone_rows_total")
+    batches, batch_texts = delta("ptuning_batch_texts_count"), delta("ptuning_batch_texts_sum")
+    return {
+        "mode": mode,
+        "ok": ok,
+        "errors": {str(k): v for k, v in run["statuses"].items() if k != 200},
+        "docs_per_s": ok / run["seconds"],
+        "words_per_s": run.get("words", 0) / run["seconds"],
+        "p50_ms": 1000 * percentile(run["latencies"], 50),
+        "p95_ms": 1000 * percentile(run["latencies"], 95),
+        "p99_ms": 1000 * percentile(run["latencies"], 99),
+        "rows_per_pass": rows / passes if passes else None,
+        "texts_per_batch": batch_texts / batches if batches else None,
+        "rss_mb": rss,
+        "loads": metric(after, "ptuning_adapter_loads_total") + metric(after, "ptuning_adapter_reloads_total"),
+        "evictions": metric(after, "ptuning_adapter_evictions_total"),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=common.DEFAULT_DATA)
+    p.add_argument("--seconds", type=float, default=60)
+    p.add_argument("--max-requests", type=int, default=20000)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--modes", default="mixed,per_adapter,st,churn,overload")
+    p.add_argument("--rebuild", action="store_true")
+    p.add_argument("--out-dir", type=Path, default=common.RESULTS)
+    args = p.parse_args()
+    import spacy
+
+    vocab = spacy.blank("en").vocab
+    texts = {
+        "ner": [" ".join(common.words(d)) for d in common.read_conll(args.data_dir / "conll2003" / "dev.iob", vocab)],
+        "textcat": [d.text for d in common.read_sst2(args.data_dir / "sst2" / "dev.tsv", vocab)],
+    }
+    folders = build_adapters(args.out_dir / "serve_adapters", args.data_dir, args.rebuild)
+    tasks = {name: task for name, task, _, _ in ADAPTERS}
+
+    def work_for(names):
+        def work(rng):
+            name = rng.choice(names)
+            return name, rng.choice(texts[tasks[name]])
+
+        return work
+
+    modes = args.modes.split(",")
+    results, capacity = [], None
+    for mode in ("mixed", "per_adapter", "st"):
+        if mode not in modes:
+            continue
+        folder = folders["st" if mode == "st" else "ptuning"]
+        server = Server(folder, "per_adapter" if mode == "st" else mode, max_loaded=10, preload=ADAPTERS[0][0])
+        try:
+            server.wait_ready()
+            rss = {"1 adapter": server.rss_mb()}
+            names = [a[0] for a in ADAPTERS]
+            asyncio.run(closed_loop(server.url, work_for(names), args.clients, 5, 500))  # warm-up, loads all
+            rss["10 adapters"] = server.rss_mb()
+            before = server.metrics()
+            run = asyncio.run(closed_loop(server.url, work_for(names), args.clients, args.seconds, args.max_requests))
+            after = server.metrics()
+            rss["after run"] = server.rss_mb()
+            row = summarise(mode, run, server, rss, before, after)
+            results.append(row)
+            if mode == "mixed":
+                capacity = row["docs_per_s"]
+            print(json.dumps(row), flush=True)
+        finally:
+            server.stop()
+    if "churn" in modes:  # 100 adapters, 20 loaded at most, uniform random traffic
+        churn = args.out_dir / "serve_adapters" / "churn"
+        names = []
+        for k in range(100):
+            base, task, _, _ = ADAPTERS[k % len(ADAPTERS)]
+            name = f"{base}-c{k:02d}"
+            tasks[name] = task
+            names.append(name)
+            if not (churn / name).exists():
+                shutil.copytree(folders["ptuning"] / base, churn / name)
+        server = Server(churn, "mixed", max_loaded=20, preload="")
+        try:
+            server.wait_ready()
+            before = server.metrics()
+            run = asyncio.run(closed_loop(server.url, work_for(names), args.clients, args.seconds, args.max_requests))
+            after = server.metrics()
+            row = summarise("churn (100 adapters, max 20 loaded)", run, server, {"end": server.rss_mb()}, before, after)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+        finally:
+            server.stop()
+    if "overload" in modes:
+        rate = 3 * (capacity or 50)
+        server = Server(folders["ptuning"], "mixed", max_loaded=10, preload="all", extra=["--max-queue", "64"])
+        try:
+            server.wait_ready()
+            names = [a[0] for a in ADAPTERS]
+            run = asyncio.run(open_loop(server.url, work_for(names), rate, min(30, args.seconds), args.max_requests))
+            row = summarise(f"overload (open loop, {rate:.0f} req/s = 3x capacity)", run, server,
+                            {"end": server.rss_mb()}, {}, server.metrics())
+            row["offered"] = run["offered"]
+            results.append(row)
+            print(json.dumps(row), flush=True)
+        finally:
+            server.stop()
+    report = {"machine": common.machine_info(), "args": {k: str(v) for k, v in vars(args).items()}, "results": results}
+    stem = common.stamped("serve_load")
+    common.save_json(report, args.out_dir / f"{stem}.json")
+    md = render(report)
+    (args.out_dir / f"{stem}.md").write_text(md)
+    plot(results, args.out_dir / f"{stem}.png")
+    print(md)
+
+
+def render(report: dict) -> str:
+    lines = [
+        "| mode | docs/s | words/s | p50 ms | p95 ms | p99 ms | texts/batch | rows/backbone pass | RSS MiB | loads | evictions | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |",
+    ]
+    for r in report["results"]:
+        rss = ", ".join(f"{k}: {v:.0f}" for k, v in r["rss_mb"].items())
+        rpp = f"{r['rows_per_pass']:.1f}" if r["rows_per_pass"] else "-"
+        tpb = f"{r['texts_per_batch']:.1f}" if r["texts_per_batch"] else "-"
+        errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
+        lines.append(
+            f"| {r['mode']} | {r['docs_per_s']:.1f} | {r['words_per_s']:.0f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
+            f"{r['p99_ms']:.0f} | {tpb} | {rpp} | {rss} | {r['loads']:.0f} | {r['evictions']:.0f} | {errors} |"
+        )
+    m = report["machine"]
+    lines.append(f"\n{m['cpu_count']} CPUs ({m['cpu_model']}), torch {m['versions']['torch']}, "
+                 f"spaCy {m['versions']['spacy']}; load average at start {m['loadavg_start'][0]:.2f}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: List[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [r for r in results if r["ok"]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [r["mode"].split(" (")[0] for r in rows]
+    axes[0].bar(labels, [r["docs_per_s"] for r in rows])
+    axes[0].set_ylabel("docs/s (1 sentence per request)")
+    for q, marker in (("p50_ms", "o"), ("p95_ms", "s"), ("p99_ms", "^")):
+        axes[1].plot(labels, [r[q] for r in rows], marker=marker, label=q.replace("_ms", ""))
+    axes[1].set_ylabel("latency (ms)")
+    axes[1].legend()
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle("spacy-ptuning server, 10 adapters, 16 clients")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
