@@ -403,14 +403,7 @@ class _Middleware:
     async def _read_body(self, scope, receive) -> Optional[bytes]:
         """The whole body, or None when it is above the limit."""
         limit = self.state.config.max_body_bytes
-        for key, value in scope.get("headers", ()):
-            if key == b"content-length":
-                try:
-                    if int(value) > limit:
-                        return None
-                except ValueError:
-                    pass
-        chunks, size = [], 0
+        chunks, size = [], 0  # stops reading at the limit, whatever Content-Length says
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":

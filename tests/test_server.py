@@ -376,7 +376,7 @@ def test_oversized_requests_are_413(server):
     too_long = server.post("/adapters/ner/process", json={"texts": ["alice " * 501]})  # 3006 chars
     assert too_long.status_code == 413 and "--max-chars" in too_long.json()["detail"]
     # Body above --max-body-bytes: refused before parsing, with a Content-Length...
-    big = json.dumps({"texts": ["a" * 25_000]}).encode()
+    big = json.dumps({"texts": ["a"], "padding": " " * 25_000}).encode()  # within --max-chars
     r = server.post("/adapters/ner/process", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and "--max-body-bytes" in r.json()["detail"]
     # ...and streamed without one (chunked).
@@ -509,6 +509,25 @@ def test_concurrent_clients_are_batched_together(adapters_dir, expected):
         batches = _metric(client, "ptuning_batch_texts_count")
         assert batches < 1 + 8
         assert _metric(client, "ptuning_batch_adapters_sum") > batches
+
+
+def test_requests_are_gathered_until_the_text_budget(adapters_dir, expected):
+    """Requests arriving within --max-wait-ms join one batch, which runs as
+    soon as --max-batch-texts is reached (not after the full wait)."""
+    app = _app(adapters_dir, max_wait_ms=3000, max_batch_texts=4, preload=SERVED)
+    with running(app) as (url, _), httpx.Client(base_url=url, timeout=20) as client:
+        _wait_ready(client)
+        start = time.monotonic()
+        results = {name: [] for name in SERVED}
+        threads = [_post_in_thread(url, f"/adapters/{name}/process", {"texts": [TEXTS[0]]}, results[name])
+                   for name in SERVED]
+        for t in threads:
+            t.join(20)
+        assert time.monotonic() - start < 2.5
+        for name in SERVED:
+            _assert_doc(results[name][0].json()["docs"][0], expected[name][TEXTS[0]])
+        assert _metric(client, "ptuning_batch_texts_count") == 1
+        assert _metric(client, "ptuning_batch_adapters_sum") == len(SERVED)
 
 
 def test_client_disconnect_does_not_wedge_the_batcher(adapters_dir):
