@@ -67,9 +67,9 @@ def read_conll(path: Path, vocab=None, limit: int = 0, n_sents: int = 1) -> list
     POS CHUNK NER``, IOB tags, blank line between sentences) as Docs,
     ``n_sents`` sentences a Doc: spaCy's converter, as ``spacy convert -c ner
     -n N`` reads it. An I- tag that does not continue an entity of its type
-    opens one (as in seqeval). The Docs are in ``vocab``, or without one in
-    the converter's own vocab (``in_vocab`` then copies the ones a pipeline
-    uses into its vocab)."""
+    opens one (as in seqeval). The Docs are in ``vocab`` (through a DocBin,
+    as ``spacy.Corpus`` reads them), or without one in the converter's own."""
+    from spacy.tokens import DocBin
     from spacy.training.converters import conll_ner_to_docs
 
     _require(path, "CoNLL-2003", "<data_dir>/conll2003/train.iob and dev.iob (one 'TOKEN POS CHUNK NER' "
@@ -79,7 +79,7 @@ def read_conll(path: Path, vocab=None, limit: int = 0, n_sents: int = 1) -> list
     if not sents:
         sys.exit(f"error: no sentences in {path}")
     docs = list(conll_ner_to_docs("\n\n".join(sents[:limit] if limit else sents), n_sents=n_sents, no_print=True))
-    return in_vocab(docs, vocab) if vocab is not None else docs
+    return list(DocBin(docs=docs).get_docs(vocab)) if vocab is not None else docs
 
 
 def read_sst2(path: Path, vocab=None, limit: int = 0) -> list:
@@ -103,21 +103,6 @@ def read_sst2(path: Path, vocab=None, limit: int = 0) -> list:
         doc.cats = {name: float(name == lab) for name in SST2_LABELS}
         docs.append(doc)
     return docs
-
-
-def in_vocab(docs, vocab) -> list:
-    """Copies of ``docs`` in ``vocab`` with what the benchmarks use: words,
-    entities, sentence starts, cats (so a saved pipeline's vocab holds the
-    strings of the data it saw, not of a whole file)."""
-    from spacy.tokens import Doc
-
-    out = []
-    for d in docs:
-        copy = Doc(vocab, words=words(d), ents=iob_tags(d) if d.has_annotation("ENT_IOB") else None,
-                   sent_starts=[t.is_sent_start for t in d] if d.has_annotation("SENT_START") else None)
-        copy.cats = dict(d.cats)
-        out.append(copy)
-    return out
 
 
 def task_data(task: str, data_dir: Path, train_sents: int = 0, dev_sents: int = 0, seed: int = 0):
