@@ -93,6 +93,7 @@ class AdapterPool:
         self._entries: Dict[str, _Entry] = {}
         self._loaded: "OrderedDict[str, Language]" = OrderedDict()
         self._backbones: Dict[int, object] = {}  # strong refs: evictions keep them
+        self._tokenizers: Dict[str, object] = {}  # see _spacy_load
         self.stats = {"loads": 0, "reloads": 0, "evictions": 0, "load_failures": 0, "load_seconds": 0.0}
         if isinstance(source, Mapping):
             for name, location in source.items():
@@ -196,7 +197,7 @@ class AdapterPool:
             return entry.nlp
         start = time.perf_counter()
         try:
-            nlp = spacy.load(entry.location)
+            nlp = self._spacy_load(entry.location)
         except Exception as e:
             entry.error = f"{type(e).__name__}: {e}"
             entry.checked = now
@@ -212,6 +213,37 @@ class AdapterPool:
                 for _, _, adapter in find_adapter_layers(pipe):
                     self._backbones[id(adapter.backbone)] = adapter.backbone
         entry.nlp, entry.signature, entry.checked, entry.error = nlp, signature, now, None
+        return nlp
+
+    def _spacy_load(self, location: str) -> Language:
+        """``spacy.load``, but pipelines whose language, tokenizer and vocab
+        files are byte-identical to an already loaded one's (and that have no
+        vectors) share its Vocab and Tokenizer.
+
+        Why: building and loading spaCy's rule-based tokenizer is most of the
+        cost of loading an adapter once the backbone is in memory (its
+        special cases are compiled twice, from the config and from disk);
+        sharing it makes a load several times faster and saves a Vocab per
+        adapter. The shared tokenizer is the same rules over the same vocab,
+        so docs are tokenised exactly as by the pipeline's own.
+        """
+        path = Path(location) if (Path(location) / "config.cfg").exists() else None
+        key = _tokenizer_key(path) if path is not None else None
+        with self._lock:
+            shared = self._tokenizers.get(key) if key is not None else None
+        if shared is None:
+            nlp = spacy.load(location)
+            if key is not None and nlp.vocab.vectors.shape[0] == 0:
+                with self._lock:
+                    self._tokenizers.setdefault(key, nlp.tokenizer)
+            return nlp
+        config = spacy.util.load_config(path / "config.cfg")
+        own_tokenizer = config["nlp"]["tokenizer"]
+        _SHARED_TOKENIZERS[f"{id(self)}:{key}"] = shared
+        config["nlp"]["tokenizer"] = {"@tokenizers": "spacy_ptuning.pooled_tokenizer.v1", "key": f"{id(self)}:{key}"}
+        nlp = spacy.util.load_model_from_config(config, vocab=shared.vocab, meta=spacy.util.get_model_meta(path))
+        nlp.from_disk(path, exclude=["tokenizer"])
+        nlp._config["nlp"]["tokenizer"] = own_tokenizer  # nlp.config / to_disk as saved
         return nlp
 
     def _touch(self, name: str, nlp: Language) -> None:
@@ -302,6 +334,36 @@ def _components_on_disk(location: str) -> List[dict]:
             }
         )
     return out
+
+
+_SHARED_TOKENIZERS: Dict[str, object] = {}
+
+
+@spacy.util.registry.tokenizers("spacy_ptuning.pooled_tokenizer.v1")
+def pooled_tokenizer(key: str):
+    """The tokenizer an AdapterPool shares between pipelines (internal: the
+    pool puts this in a loading config and restores the saved one after)."""
+
+    def create(nlp: Language):
+        return _SHARED_TOKENIZERS[key]
+
+    return create
+
+
+def _tokenizer_key(path: Path) -> Optional[str]:
+    """Hash of what makes two saved pipelines tokenise identically: the
+    config's [nlp] language and tokenizer settings, and the tokenizer and
+    vocab files (strings excepted: the shared vocab's strings only grow)."""
+    import hashlib
+
+    config = spacy.util.load_config(path / "config.cfg", interpolate=False)
+    nlp_block = {k: v for k, v in config["nlp"].items() if k in ("lang", "tokenizer")}
+    digest = hashlib.sha256(repr(sorted(nlp_block.items())).encode("utf8"))
+    for rel in ("tokenizer", "vocab/lookups.bin", "vocab/vectors.cfg", "vocab/key2row"):
+        file = path / rel
+        digest.update(rel.encode("utf8"))
+        digest.update(file.read_bytes() if file.is_file() else b"-")
+    return digest.hexdigest()[:32]
 
 
 def _check_name(name: str) -> None:

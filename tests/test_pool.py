@@ -176,3 +176,26 @@ def test_threads_under_eviction_churn(saved):
         t.join(timeout=120)
     assert not errors, errors
     assert len(pool.loaded) <= 2 and pool.stats["evictions"] > 0
+
+
+def test_pipelines_with_identical_tokenizers_share_one(saved, tmp_path):
+    """Loads after the first reuse its Vocab and Tokenizer (faster, smaller);
+    a pipeline with other tokenizer rules keeps its own, and every pipeline
+    tokenises exactly as spacy.load's copy of it."""
+    from spacy.attrs import ORTH
+
+    root = _copy(saved, tmp_path)
+    custom = spacy.load(root / "ner-c")
+    custom.tokenizer.add_special_case("paris-bob", [{ORTH: "paris"}, {ORTH: "-bob"}])
+    shutil.rmtree(root / "ner-c")
+    custom.to_disk(root / "ner-c")
+    pool = AdapterPool(root)
+    a, b, c = pool.get("ner-a"), pool.get("ner-b"), pool.get("ner-c")
+    assert b.tokenizer is a.tokenizer and b.vocab is a.vocab
+    assert c.tokenizer is not a.tokenizer
+    text = "alice visited paris-bob (again), e-mail: a@b.com, can't 3.5kg!"
+    for name, nlp in (("ner-a", a), ("ner-b", b), ("ner-c", c)):
+        assert [t.text for t in nlp(text)] == [t.text for t in spacy.load(root / name)(text)]
+    assert b.config["nlp"]["tokenizer"] == {"@tokenizers": "spacy.Tokenizer.v1"}  # saves as loaded
+    b.to_disk(tmp_path / "resaved")
+    assert [t.text for t in spacy.load(tmp_path / "resaved")(text)] == [t.text for t in b(text)]
