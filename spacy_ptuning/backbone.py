@@ -162,11 +162,13 @@ class Backbone:
 
     @property
     def max_length(self) -> int:
-        """Most wordpieces (special tokens included) one sequence may hold."""
+        """Most wordpieces (special tokens included) one sequence may hold
+        (the tokenizer's limit as loaded: reconfiguring ``self.tokenizer``
+        changes no pipeline, see :class:`TokenizerPool`)."""
         n = self.model.config.max_position_embeddings
         if self.family.position_offset:
             n -= self.model.config.pad_token_id + 1
-        tok_max = getattr(self.tokenizer, "model_max_length", n) or n
+        tok_max = getattr(self._tokenizers.template, "model_max_length", n) or n
         return int(min(n, tok_max))
 
     def fingerprint(self) -> dict:
@@ -222,6 +224,11 @@ class TokenizerPool:
             yield tokenizer
         finally:
             self._idle.append(tokenizer)
+
+    @property
+    def template(self):
+        """The tokenizer as loaded; read its settings, never call it."""
+        return self._template
 
     @property
     def size(self) -> int:

@@ -246,3 +246,23 @@ def test_deepcopy_shares_a_backbone_that_load_backbone_cannot_find(tiny_bert):
     assert twin.prompts is not adapter.prompts
     for a, b in zip(adapter.state_dict().values(), twin.state_dict().values()):
         assert a.data_ptr() != b.data_ptr() and numpy.array_equal(a.numpy(), b.numpy())
+
+
+def test_reconfiguring_the_public_tokenizer_changes_no_pipeline(nlp, tiny_bert):
+    """What other code does to ``backbone.tokenizer`` (its length limit,
+    padding side, truncation left set by a call) does not reach pipelines."""
+    tokenizer = load_backbone(tiny_bert).tokenizer
+    expected = _results(nlp.pipe(TEXTS))
+    docs = [nlp.make_doc(t) for t in TEXTS]
+    tok2vec = nlp.get_pipe("ptuning_ner").model.get_ref("tok2vec")
+    vectors = tok2vec.predict(docs)
+    saved = tokenizer.model_max_length, tokenizer.padding_side
+    try:
+        tokenizer.model_max_length = 12
+        tokenizer.padding_side = "left"
+        tokenizer(TEXTS, truncation=True, max_length=6, padding="max_length")
+        _assert_same_results(expected, _results(nlp.pipe(TEXTS)))
+        for x, y in zip(vectors, tok2vec.predict(docs)):
+            numpy.testing.assert_allclose(x, y, atol=1e-5)
+    finally:
+        tokenizer.model_max_length, tokenizer.padding_side = saved
