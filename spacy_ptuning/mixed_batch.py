@@ -191,11 +191,15 @@ def encode_rows(
     groups = length_groups(lengths, max_batch_tokens) if max_batch_tokens > 0 else [list(range(len(rows)))]
     result: List[Optional[torch.Tensor]] = [None] * len(rows)
     with torch.no_grad():
-        prompts = {}  # one prompt computation per adapter per call
+        prompts = {}  # per adapter: input prompts (V, E) or prefixes (layers, 2, P, W)
         for row in rows:
             if id(row.adapter) not in prompts:
                 row.adapter.eval()
-                prompts[id(row.adapter)] = row.adapter.prompt_values(1)
+                values = row.adapter.prompt_values(1)
+                if row.adapter.input_prompts:
+                    prompts[id(row.adapter)] = values[0]
+                else:
+                    prompts[id(row.adapter)] = torch.stack([torch.stack([k[0], v[0]]) for k, v in values])
         for group in groups:
             outputs = _encode_group(backbone, [rows[i] for i in group], prompts)
             for i, h in zip(group, outputs):
@@ -215,37 +219,52 @@ def _encode_group(backbone: Backbone, rows: List[_Row], prompts: dict) -> List[t
     model = backbone.model
     device = backbone.device
     embed = model.get_input_embeddings()
+    dtype = embed.weight.dtype
     B = len(rows)
-    seq = [_virtual(r.adapter) + len(r.input_ids) for r in rows]
-    S = max(seq)
-    P = max((r.adapter.num_virtual_tokens for r in rows if not r.adapter.input_prompts), default=0)
-    embeds = torch.zeros((B, S, backbone.embed_width), dtype=embed.weight.dtype, device=device)
-    mask = torch.zeros((B, S), dtype=torch.long, device=device)
-    takes_types = backbone.takes_token_types and any(r.token_types is not None for r in rows)
-    types = torch.zeros((B, S), dtype=torch.long, device=device) if takes_types else None
-    prefix_mask = torch.zeros((B, P), dtype=torch.long, device=device)
-    keys = [torch.zeros((B, P, backbone.kv_width), dtype=embed.weight.dtype, device=device) for _ in range(backbone.num_layers)]
-    values = [torch.zeros_like(k) for k in keys]
+    virtual = [_virtual(r.adapter) for r in rows]
+    lengths = [len(r.input_ids) for r in rows]
+    S = max(v + n for v, n in zip(virtual, lengths))
+    # The text of every row, embedded in one call, then shifted right by the
+    # row's input prompts where it has some.
+    ids = torch.zeros((B, max(lengths)), dtype=rows[0].input_ids.dtype, device=device)
     for b, row in enumerate(rows):
-        V, L = _virtual(row.adapter), len(row.input_ids)
-        if V:
-            embeds[b, :V] = prompts[id(row.adapter)][0].to(embeds.dtype)
-        embeds[b, V : V + L] = embed(row.input_ids)
-        mask[b, : V + L] = 1
-        if types is not None and row.token_types is not None:
-            types[b, V : V + L] = row.token_types
-        if not row.adapter.input_prompts:  # its prefix, right-aligned in the P columns
-            n = row.adapter.num_virtual_tokens
-            prefix_mask[b, P - n :] = 1
-            for layer, pair in enumerate(prompts[id(row.adapter)]):
-                keys[layer][b, P - n :] = pair[KEY][0].to(embeds.dtype)
-                values[layer][b, P - n :] = pair[VALUE][0].to(embeds.dtype)
-    extra = {"token_type_ids": types} if types is not None else {}
+        ids[b, : lengths[b]] = row.input_ids
+    text = embed(ids)
+    if not any(virtual):
+        embeds = text if S == text.shape[1] else text[:, :S]
+    else:
+        embeds = torch.zeros((B, S, text.shape[-1]), dtype=dtype, device=device)
+        for b, row in enumerate(rows):
+            V, L = virtual[b], lengths[b]
+            if V:
+                embeds[b, :V] = prompts[id(row.adapter)].to(dtype)
+            embeds[b, V : V + L] = text[b, :L]
+    positions = torch.arange(S, device=device)
+    total = torch.tensor([v + n for v, n in zip(virtual, lengths)], device=device)
+    mask = (positions[None, :] < total[:, None]).long()
+    extra = {}
+    if backbone.takes_token_types and any(r.token_types is not None for r in rows):
+        types = torch.zeros((B, S), dtype=torch.long, device=device)
+        for b, row in enumerate(rows):
+            if row.token_types is not None:
+                types[b, virtual[b] : virtual[b] + lengths[b]] = row.token_types
+        extra["token_type_ids"] = types
+    P = max((r.adapter.num_virtual_tokens for r in rows if not r.adapter.input_prompts), default=0)
     if P:
+        # Each row's prefixes right-aligned in P columns, the rest masked.
+        stacked = torch.zeros((backbone.num_layers, 2, B, P, backbone.kv_width), dtype=dtype, device=device)
+        sizes = torch.zeros(B, dtype=torch.long, device=device)
+        for b, row in enumerate(rows):
+            if not row.adapter.input_prompts:
+                n = row.adapter.num_virtual_tokens
+                stacked[:, :, b, P - n :] = prompts[id(row.adapter)].to(dtype)
+                sizes[b] = n
+        prefix_mask = (torch.arange(P, device=device)[None, :] >= (P - sizes)[:, None]).long()
         full_mask = torch.cat([prefix_mask, mask], dim=1) if backbone.family.mask_includes_prefix else mask
-        with injected_prefix(backbone, list(zip(keys, values)), prefix_mask):
+        prefix = [(layer[KEY], layer[VALUE]) for layer in stacked]
+        with injected_prefix(backbone, prefix, prefix_mask):
             output = model(inputs_embeds=embeds, attention_mask=full_mask, **extra)
     else:
         output = model(inputs_embeds=embeds, attention_mask=mask, **extra)
     hidden = output.last_hidden_state.float()
-    return [hidden[b, _virtual(r.adapter) : _virtual(r.adapter) + len(r.input_ids)] for b, r in enumerate(rows)]
+    return [hidden[b, virtual[b] : virtual[b] + lengths[b]] for b in range(B)]
