@@ -172,9 +172,13 @@ def _single_threaded_torch_after_fork() -> None:
     the same in its workers. One thread per worker is also the right size
     for n_process workers that already share the cores (n_process x
     threads would oversubscribe them). Spawned workers start a fresh
-    interpreter and keep torch's default. Registered on import, for every
-    fork of a process that uses spacy-ptuning; a child may raise the count
-    again only after an ``exec``.
+    interpreter and keep torch's default (set ``OMP_NUM_THREADS=1`` in the
+    parent's environment before ``nlp.pipe`` to size them likewise).
+    Registered on import, for every fork of a process that uses
+    spacy-ptuning: which forks follow parallel torch work cannot be told from
+    outside libgomp. A child whose parent never ran torch in parallel (a
+    pre-fork server forking before any inference) may raise the count again
+    with ``torch.set_num_threads``; after parallel work it would hang.
     """
     if torch.get_num_threads() > 1:
         torch.set_num_threads(1)
