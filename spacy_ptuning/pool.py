@@ -94,6 +94,8 @@ class AdapterPool:
         self._loaded: "OrderedDict[str, Language]" = OrderedDict()
         self._backbones: Dict[int, object] = {}  # strong refs: evictions keep them
         self._tokenizers: Dict[str, object] = {}  # see _spacy_load
+        self._added: Dict[str, str] = {}  # add()/remove() outlive folder rescans
+        self._removed: set = set()
         self.stats = {"loads": 0, "reloads": 0, "evictions": 0, "load_failures": 0, "load_seconds": 0.0}
         if isinstance(source, Mapping):
             for name, location in source.items():
@@ -124,6 +126,8 @@ class AdapterPool:
         if not (Path(location) / "config.cfg").exists() and not spacy.util.is_package(location):
             raise FileNotFoundError(Errors.E032.format(name=name, location=location))
         with self._lock:
+            self._added[name] = location
+            self._removed.discard(name)
             old = self._entries.get(name)
             if old is None or old.location != location:
                 self._entries[name] = _Entry(name, location)
@@ -135,6 +139,8 @@ class AdapterPool:
             self._entry(name)
             del self._entries[name]
             self._loaded.pop(name, None)
+            self._added.pop(name, None)
+            self._removed.add(name)
 
     def _scan(self) -> None:
         if self._root is None:
@@ -144,13 +150,18 @@ class AdapterPool:
             if child.is_dir() and (child / "config.cfg").exists() and NAME.match(child.name):
                 found[child.name] = str(child)
         with self._lock:
+            for name in self._removed:
+                found.pop(name, None)
+            found.update(self._added)
+        with self._lock:
             for name in list(self._entries):
                 if name not in found:
                     del self._entries[name]
                     self._loaded.pop(name, None)
             for name, location in found.items():
-                if name not in self._entries:
+                if name not in self._entries or self._entries[name].location != location:
                     self._entries[name] = _Entry(name, location)
+                    self._loaded.pop(name, None)
 
     def _entry(self, name: str) -> _Entry:
         _check_name(name)

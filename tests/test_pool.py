@@ -199,3 +199,16 @@ def test_pipelines_with_identical_tokenizers_share_one(saved, tmp_path):
     assert b.config["nlp"]["tokenizer"] == {"@tokenizers": "spacy.Tokenizer.v1"}  # saves as loaded
     b.to_disk(tmp_path / "resaved")
     assert [t.text for t in spacy.load(tmp_path / "resaved")(text)] == [t.text for t in b(text)]
+
+
+def test_add_and_remove_survive_a_rescan(saved, tmp_path):
+    root = _copy(saved, tmp_path)
+    pool = AdapterPool(root)
+    pool.add("outside", saved[0] / "sentiment")
+    pool.remove("ner-c")
+    assert pool.names() == ["ner-a", "ner-b", "outside", "sentiment"]  # names() rescans
+    assert set(pool.get("outside")(TEXT).cats) == {"POS", "NEG"}
+    with pytest.raises(UnknownAdapter):
+        pool.get("ner-c")  # an unknown name rescans too
+    pool.add("ner-c", root / "ner-c")
+    assert "ner-c" in pool.names()

@@ -624,12 +624,6 @@ def test_admin_token_adds_and_removes_adapters(adapters_dir, tmp_path):
         assert client.post("/adapters/ner/process", json={"texts": ["alice"]}).status_code == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AdapterPool._scan (names(), and a lookup of an unknown name) forgets names added "
-    "with add() from outside the folder and brings back folder names removed with remove(); "
-    "remove this marker once the pool keeps both across rescans",
-)
 def test_admin_changes_survive_a_rescan(adapters_dir):
     late = next(adapters_dir.parent.glob("extra*")) / "late"
     app = _app(adapters_dir, admin_token=TOKEN)
