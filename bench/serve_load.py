@@ -284,9 +284,12 @@ def main() -> None:
         server = Server(folder, "per_adapter" if mode == "st" else mode, max_loaded=10, preload=ADAPTERS[0][0])
         try:
             server.wait_ready()
-            rss = {"1 adapter": server.rss_mb()}
             names = [a[0] for a in ADAPTERS]
-            asyncio.run(closed_loop(server.url, work_for(names), args.clients, 5, 500))  # warm-up, loads all
+            # RSS after traffic to one adapter, then after traffic to all ten
+            # (the same warm-up each, so both include inference memory).
+            asyncio.run(closed_loop(server.url, work_for(names[:1]), args.clients, 5, 300))
+            rss = {"1 adapter": server.rss_mb()}
+            asyncio.run(closed_loop(server.url, work_for(names), args.clients, 5, 300))
             rss["10 adapters"] = server.rss_mb()
             before = server.metrics()
             run = asyncio.run(closed_loop(server.url, work_for(names), args.clients, args.seconds, args.max_requests))
