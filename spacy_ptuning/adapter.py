@@ -101,20 +101,22 @@ class Adapter(torch.nn.Module):
         self._prompt_cache: Optional[tuple] = None
         self.to(backbone.device)
 
+    def invalidate_prompt_cache(self) -> None:
+        self._prompt_cache = None
+
     def prompt_values(self, batch_size: int):
         """``self.prompts(batch_size)``; at inference (eval mode, no grad)
-        computed once and reused while the parameters stay equal to a copy
-        taken then (an exact check; thinc's optimizers update the tensors
-        through array views that torch's version counters do not see). The
-        P-Tuning v1 LSTM or a prefix MLP costs far more than the check."""
+        computed once and reused until a parameter changes: torch's version
+        counters see in-place edits and ``load_state_dict``; thinc's
+        optimizers write through array views that they do not see, so the
+        shim's ``finish_update`` calls :meth:`invalidate_prompt_cache`. The
+        P-Tuning v1 LSTM or a prefix MLP costs more than it should per batch."""
         if self.training or torch.is_grad_enabled():
             return self.prompts(batch_size)
-        params = [p.detach() for p in self.parameters()]
+        key = tuple((id(p), p._version) for p in self.parameters())
         cache = self._prompt_cache
-        if cache is None or len(cache[0]) != len(params) or not all(
-            torch.equal(a, b) for a, b in zip(cache[0], params)
-        ):
-            cache = self._prompt_cache = ([p.clone() for p in params], self.prompts(1))
+        if cache is None or cache[0] != key:
+            cache = self._prompt_cache = (key, self.prompts(1))
         values = cache[1]
         if self.input_prompts:
             return values.expand(batch_size, -1, -1)

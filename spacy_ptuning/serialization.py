@@ -47,6 +47,12 @@ class AdapterShim(PyTorchShim):
     backbone's fingerprint and a checksum; loading checks both and never
     unpickles."""
 
+    def finish_update(self, optimizer) -> None:
+        # thinc writes the updated values through array views, which torch's
+        # version counters do not see: drop the adapter's inference cache.
+        super().finish_update(optimizer)
+        self._model.invalidate_prompt_cache()
+
     def to_bytes(self) -> bytes:
         module: Adapter = self._model
         tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
@@ -80,6 +86,7 @@ class AdapterShim(PyTorchShim):
                 raise AdapterError(Errors.E014.format(tensor=name))
         try:
             module.load_state_dict(tensors, strict=True)
+            module.invalidate_prompt_cache()
         except RuntimeError as e:
             detail = f"method={msg.get('method')}, num_virtual_tokens={msg.get('num_virtual_tokens')} saved; {e}"
             raise AdapterError(Errors.E007.format(detail=detail)) from e
