@@ -13,7 +13,8 @@ at a time on 127.0.0.1:
   (c) st          ten spacy-transformers pipelines (transformer + the same
                   head) of the same backbone, behind the same server code
 
-then (d) churn: 100 adapters with --max-loaded 20 under random traffic, and
+then a server holding one adapter under the same traffic (its RSS after
+the run is the baseline for "RSS with ten adapters"), (d) churn: 100 adapters with --max-loaded 20 under random traffic, and
 (e) overload: open-loop arrivals at 3x the capacity (a) measured, with a
 small queue: accepted requests must complete, the rest get 503.
 
@@ -254,7 +255,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--max-requests", type=int, default=20000)
     p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--modes", default="mixed,per_adapter,st,churn,overload")
+    p.add_argument("--modes", default="mixed,per_adapter,st,one,churn,overload")
     p.add_argument("--rebuild", action="store_true")
     p.add_argument("--out-dir", type=Path, default=common.RESULTS)
     args = p.parse_args()
@@ -285,8 +286,8 @@ def main() -> None:
         try:
             server.wait_ready()
             names = [a[0] for a in ADAPTERS]
-            # RSS after traffic to one adapter, then after traffic to all ten
-            # (the same warm-up each, so both include inference memory).
+            # RSS after traffic to one adapter, then after traffic to all ten;
+            # mode "one" gives a one-adapter server's RSS after a full run.
             asyncio.run(closed_loop(server.url, work_for(names[:1]), args.clients, 5, 300))
             rss = {"1 adapter": server.rss_mb()}
             asyncio.run(closed_loop(server.url, work_for(names), args.clients, 5, 300))
@@ -299,6 +300,22 @@ def main() -> None:
             results.append(row)
             if mode == "mixed":
                 capacity = row["docs_per_s"]
+            print(json.dumps(row), flush=True)
+        finally:
+            server.stop()
+    if "one" in modes:  # the same traffic to a server holding one adapter: its RSS
+        one = args.out_dir / "serve_adapters" / "one"
+        if not one.exists():
+            shutil.copytree(folders["ptuning"] / ADAPTERS[0][0], one / ADAPTERS[0][0])
+        server = Server(one, "mixed", max_loaded=10, preload="all")
+        try:
+            server.wait_ready()
+            names = [ADAPTERS[0][0]]
+            asyncio.run(closed_loop(server.url, work_for(names), args.clients, 10, 600))
+            before = server.metrics()
+            run = asyncio.run(closed_loop(server.url, work_for(names), args.clients, args.seconds, args.max_requests))
+            row = summarise("one adapter (mixed)", run, server, {"after run": server.rss_mb()}, before, server.metrics())
+            results.append(row)
             print(json.dumps(row), flush=True)
         finally:
             server.stop()
