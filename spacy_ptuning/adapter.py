@@ -185,9 +185,8 @@ class Adapter(torch.nn.Module):
         if hasattr(self, "_backbone") and params:
             bb = self.backbone
             if params[0].device != bb.device:
-                self._backbone[0] = load_backbone(
-                    bb.name, revision=bb.revision, dtype=bb.dtype, device=params[0].device
-                )
+                dtype = "auto" if getattr(self, "requested_dtype", None) == "auto" else bb.dtype
+                self._backbone[0] = load_backbone(bb.name, revision=bb.revision, dtype=dtype, device=params[0].device)
         return result
 
     def forward(

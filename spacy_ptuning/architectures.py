@@ -56,7 +56,9 @@ def ptuning_transformer_v1(
     pooling: wordpieces -> token pooling (default: mean).
     grad_factor: scale of the gradient flowing back into the prompts.
     revision: HF revision of the backbone.
-    dtype: backbone weights dtype: float32, bfloat16 or float16 (prompts
+    dtype: backbone weights dtype: float32, bfloat16, float16, or auto
+        (bfloat16 where the device computes it natively, else float32; the
+        choice and the reason are printed at initialisation) (prompts
         always train in float32).
     max_batch_tokens: the backbone runs on length-sorted groups of similar
         length of at most this many padded wordpieces (less padding);
@@ -76,6 +78,7 @@ def ptuning_transformer_v1(
         prompt_dropout=prompt_dropout,
         max_batch_tokens=max_batch_tokens,
     )
+    module.requested_dtype = dtype  # "auto" is re-resolved on a device move
     if pooling is None:
         pooling = reduce_mean()
     model = chain(

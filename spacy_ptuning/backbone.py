@@ -245,6 +245,35 @@ def resolve_backbone_path(name: str) -> str:
     return name
 
 
+def auto_dtype(device: torch.device) -> Tuple[str, str]:
+    """What ``dtype = "auto"`` means on this device, and why: bfloat16 where
+    the hardware computes it natively (a CPU with AVX512-BF16 or AMX, a CUDA
+    GPU with bf16 support), float32 elsewhere. The backbone is frozen, so
+    nothing needs its float32 master weights."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", f"{torch.cuda.get_device_name(device)} computes bfloat16 natively"
+        return "float32", f"{torch.cuda.get_device_name(device)} has no native bfloat16"
+    if device.type == "cpu":
+        flags = _cpu_flags()
+        fast = sorted(flags & {"avx512_bf16", "amx_bf16"})
+        if fast:
+            return "bfloat16", f"the CPU has {' and '.join(fast)}"
+        return "float32", "the CPU has neither avx512_bf16 nor amx_bf16"
+    return "float32", f"no fast bfloat16 known for device type '{device.type}'"
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo", encoding="utf8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def load_backbone(
     name: str = DEFAULT_BACKBONE,
     *,
@@ -252,10 +281,13 @@ def load_backbone(
     dtype: str = "float32",
     device: Optional[torch.device] = None,
 ) -> Backbone:
-    """Return the shared, frozen backbone for these settings, loading it once."""
-    if dtype not in DTYPES:
-        raise ConfigError(Errors.E009.format(dtype=dtype, choices=', '.join(DTYPES)))
+    """Return the shared, frozen backbone for these settings, loading it once.
+    ``dtype="auto"`` picks per device (:func:`auto_dtype`)."""
+    if dtype not in DTYPES and dtype != "auto":
+        raise ConfigError(Errors.E009.format(dtype=dtype, choices=", ".join(["auto", *DTYPES])))
     device = torch.device(device if device is not None else get_torch_default_device())
+    if dtype == "auto":
+        dtype, _ = auto_dtype(device)
     path = resolve_backbone_path(name)
     # The alias, a relative path and an absolute path to one folder are one backbone.
     identity = os.path.realpath(path) if os.path.isdir(path) else name

@@ -82,8 +82,18 @@ def trainable_summary(name: str, model: Model) -> str:
     return (
         f"{name}: training {_human(trained)} of {_human(total)} parameters "
         f"({100 * trained / total:.2f} %), method={module.method}, "
-        f"length={module.num_virtual_tokens}, backbone={module.backbone.name}"
+        f"length={module.num_virtual_tokens}, backbone={module.backbone.name}, "
+        f"dtype={module.backbone.dtype}{_auto_reason(module)}"
     )
+
+
+def _auto_reason(module) -> str:
+    """Why ``dtype = "auto"`` chose what it chose, when it was asked for."""
+    if getattr(module, "requested_dtype", None) != "auto":
+        return ""
+    from .backbone import auto_dtype
+
+    return f" (auto: {auto_dtype(module.backbone.device)[1]})"
 
 
 def _human(n: int) -> str:

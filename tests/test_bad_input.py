@@ -1,6 +1,7 @@
 """Bad input gets a clear error or a correct empty result, never a crash."""
 import numpy
 import pytest
+import torch
 import spacy
 from spacy.training import Example
 from spacy.util import fix_random_seed
@@ -217,3 +218,21 @@ def test_gpu_requested_without_cuda_torch_says_what_to_install(tiny_bert, monkey
     message = str(info.value)
     assert "cupy-cuda12x" in message and "download.pytorch.org/whl/cu" in message
     assert "--gpu-id -1" in message
+
+
+@pytest.mark.parametrize(
+    "flags,expected",
+    [({"avx512f", "avx512_bf16"}, "bfloat16"), ({"amx_bf16", "amx_tile"}, "bfloat16"), ({"avx2", "avx512f"}, "float32"), (set(), "float32")],
+)
+def test_auto_dtype_follows_the_cpu(tiny_bert, monkeypatch, capsys, flags, expected):
+    from spacy_ptuning import backbone as bb
+
+    monkeypatch.setattr(bb, "_cpu_flags", lambda: set(flags))
+    assert bb.auto_dtype(torch.device("cpu"))[0] == expected
+    nlp = spacy.blank("en")
+    nlp.add_pipe("ptuning_ner", config={"model": {"tok2vec": {"backbone": tiny_bert, "dtype": "auto", "num_virtual_tokens": 4}}})
+    assert get_adapter(nlp.get_pipe("ptuning_ner").model).backbone.dtype == expected
+    ex = Example.from_dict(nlp.make_doc("alice visited paris"), {"entities": [(0, 5, "PER")]})
+    nlp.initialize(lambda: [ex])
+    line = capsys.readouterr().out
+    assert f"dtype={expected} (auto: the CPU has" in line
