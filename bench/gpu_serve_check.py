@@ -26,16 +26,10 @@ from pathlib import Path
 import spacy
 import torch
 from spacy.training import Example
-from thinc.api import require_cpu, require_gpu, set_gpu_allocator
+from gpu_check import use_device
+from serve_load import ADAPTERS  # the load test's ten adapters
 
 ROOT = Path(__file__).resolve().parents[1]
-ADAPTERS = [  # as bench/serve_load.py
-    ("ner-prefix-16", "ner", "prefix", 16), ("ner-prefix-64", "ner", "prefix", 64),
-    ("ner-prefix-8", "ner", "prefix", 8), ("ner-prompt-20", "ner", "prompt", 20),
-    ("ner-p1-16", "ner", "prompt_encoder", 16), ("sst-prefix-20", "textcat", "prefix", 20),
-    ("sst-prefix-32", "textcat", "prefix", 32), ("sst-prompt-20", "textcat", "prompt", 20),
-    ("sst-prompt-8", "textcat", "prompt", 8), ("sst-p1-20", "textcat", "prompt_encoder", 20),
-]
 
 
 def sync(device: str) -> None:
@@ -90,13 +84,7 @@ def main() -> None:
     args = p.parse_args()
     from spacy_ptuning.mixed_batch import MixedStats, pipe_mixed
 
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            sys.exit("No CUDA device: run with --device cpu for a smoke test.")
-        set_gpu_allocator("pytorch")
-        require_gpu(0)
-    else:
-        require_cpu()
+    use_device(args.device)
     rows = [json.loads(line) for line in (ROOT / "assets/demo_ner_train.jsonl").read_text().splitlines()]
     texts = [json.loads(line)["text"] for line in (ROOT / "assets/demo_ner_dev.jsonl").read_text().splitlines()]
     mem = []

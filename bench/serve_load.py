@@ -155,6 +155,23 @@ def metric(metrics: Dict[str, float], prefix: str) -> float:
     return sum(v for k, v in metrics.items() if k.split("{")[0] == prefix)
 
 
+async def send(http, url: str, name: str, text: str, latencies: list, statuses: dict) -> object:
+    """One request of one text; its status (or the client error's name) is
+    counted, its latency kept when answered 200."""
+    import httpx
+
+    start = time.perf_counter()
+    try:
+        r = await http.post(f"{url}/adapters/{name}/process", json={"texts": [text]})
+        code = r.status_code
+    except httpx.HTTPError as e:
+        code = type(e).__name__
+    statuses[code] = statuses.get(code, 0) + 1
+    if code == 200:
+        latencies.append(time.perf_counter() - start)
+    return code
+
+
 async def closed_loop(url, work, clients: int, seconds: float, max_requests: int) -> dict:
     """`clients` clients, each sending its next request when the last one is
     answered, until the time or request budget is spent."""
@@ -171,15 +188,7 @@ async def closed_loop(url, work, clients: int, seconds: float, max_requests: int
         while time.perf_counter() < deadline and sent < max_requests:
             sent += 1
             name, text = work(rng)
-            start = time.perf_counter()
-            try:
-                r = await http.post(f"{url}/adapters/{name}/process", json={"texts": [text]})
-                code = r.status_code
-            except httpx.HTTPError as e:
-                code = type(e).__name__
-            statuses[code] = statuses.get(code, 0) + 1
-            if code == 200:
-                latencies.append(time.perf_counter() - start)
+            if await send(http, url, name, text, latencies, statuses) == 200:
                 words += len(text.split())
 
     start = time.perf_counter()
@@ -195,23 +204,12 @@ async def open_loop(url, work, rate: float, seconds: float, max_requests: int) -
     latencies, statuses = [], {}
     rng = random.Random(0)
 
-    async def one(name, text, http):
-        start = time.perf_counter()
-        try:
-            r = await http.post(f"{url}/adapters/{name}/process", json={"texts": [text]})
-            code = r.status_code
-        except httpx.HTTPError as e:
-            code = type(e).__name__
-        statuses[code] = statuses.get(code, 0) + 1
-        if code == 200:
-            latencies.append(time.perf_counter() - start)
-
     start = time.perf_counter()
     tasks = []
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
     async with httpx.AsyncClient(timeout=60, limits=limits) as http:
         while time.perf_counter() - start < seconds and len(tasks) < max_requests:
-            tasks.append(asyncio.create_task(one(*work(rng), http)))
+            tasks.append(asyncio.create_task(send(http, url, *work(rng), latencies, statuses)))
             await asyncio.sleep(rng.expovariate(rate))
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)  # nothing may hang
     return {"seconds": time.perf_counter() - start, "latencies": latencies, "statuses": statuses,
