@@ -8,7 +8,7 @@ decay), then score each on the full dev set under both backbone dtypes (the
 same saved adapter loaded with ``dtype`` overridden). Prints one table; JSON
 to bench/results/.
 
-    python bench/dtype_accuracy.py [--steps 300] [--tasks ner,textcat] [--data-dir ../shared/data]
+    python bench/dtype_accuracy.py [--steps 300] [--tasks ner,textcat] [--seed 0] [--data-dir ../shared/data]
 """
 import argparse
 import time
@@ -48,6 +48,7 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=common.DEFAULT_DATA)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--tasks", default="ner,textcat")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     args = p.parse_args()
     import spacy
     from thinc.api import Adam
@@ -65,12 +66,12 @@ def main() -> None:
         trained = {}
         for dtype in ("float32", "bfloat16"):
             overrides = {f"components.{component}.model.tok2vec.dtype": dtype, "training.max_steps": args.steps}
-            nlp, config, training = common.load_pipeline(CONFIGS / cfg, overrides, seed=0)
+            nlp, config, training = common.load_pipeline(CONFIGS / cfg, overrides, seed=args.seed)
             egs = common.examples(nlp, train)
             peak = config["training"]["optimizer"]["learn_rate"]["initial_rate"]
             sgd = Adam(peak)
             nlp.initialize(lambda: egs[:500], sgd=sgd)
-            batches = common.epoch_batches(egs, [len(e.predicted) for e in egs], seed=0)
+            batches = common.epoch_batches(egs, [len(e.predicted) for e in egs], seed=args.seed)
 
             def schedule(_, step=[0]):  # noqa: B006 - linear decay by step
                 sgd.learn_rate = peak * max(0.0, 1 - step[0] / args.steps)
