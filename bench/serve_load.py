@@ -31,7 +31,6 @@ once into bench/results/serve_adapters/ (--rebuild to redo).
 import argparse
 import asyncio
 import json
-import os
 import random
 import shutil
 import socket
@@ -39,7 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import common
 
@@ -62,7 +61,6 @@ def build_adapters(out: Path, data_dir: Path, rebuild: bool) -> Dict[str, Path]:
     """Ten ptuning pipelines and ten spacy-transformers ones, initialised on
     the data's labels; saved once."""
     import spacy
-    from spacy.training import Example
 
     if rebuild and out.exists():
         shutil.rmtree(out)

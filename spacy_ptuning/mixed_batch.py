@@ -102,19 +102,17 @@ def pipe_mixed(
     for i, (nlp, _) in enumerate(requests):
         by_nlp.setdefault(id(nlp), (nlp, []))[1].append(i)
     stages = []  # (nlp, indices, its docs, index of its first ptuning component)
+    jobs = []  # (tok2vec layer, inner chain, adapter, docs): one set of passes for all
     for nlp, indices in by_nlp.values():
         own = [docs[i] for i in indices]
-        positions = [k for k, (_, pipe) in enumerate(nlp.pipeline) if find_adapter_layers(pipe)]
+        layers = [find_adapter_layers(pipe) for _, pipe in nlp.pipeline]
+        positions = [k for k, found in enumerate(layers) if found]
         contiguous = positions and positions == list(range(positions[0], positions[-1] + 1))
         first = positions[0] if contiguous else len(nlp.pipeline)  # else: no mixing
         _run_pipes(nlp, own, 0, first)
         stages.append((nlp, indices, own, first))
-    # One set of backbone passes for all ptuning components of all pipelines.
-    jobs = []  # (tok2vec layer, inner chain, adapter, docs)
-    for nlp, _, own, first in stages:
-        for _, pipe in nlp.pipeline[first:]:
-            for tok2vec, inner, adapter in find_adapter_layers(pipe):
-                jobs.append((tok2vec, inner, adapter, own))
+        for found in layers[first:]:
+            jobs.extend((tok2vec, inner, adapter, own) for tok2vec, inner, adapter in found)
     vectors = _mixed_vectors(jobs, max_batch_tokens, stats)
     with _answering(vectors):
         for nlp, _, own, first in stages:

@@ -7,7 +7,6 @@ import torch
 from spacy.training import Example
 from spacy.util import fix_random_seed
 
-from spacy_ptuning import get_adapter
 from spacy_ptuning.mixed_batch import MixedStats, _mixed_vectors, pipe_mixed
 from spacy_ptuning.transformer_model import find_adapter_layers
 

@@ -2,7 +2,6 @@
 bad names and broken adapters."""
 import shutil
 import threading
-import time
 
 import pytest
 import spacy

@@ -96,7 +96,7 @@ def test_backbone_frozen_while_prompts_and_head_train(tiny_bert, method):
 def test_each_method_learns_sentiment(tiny_bert, method):
     fix_random_seed(0)
     nlp = spacy.blank("en")
-    textcat = nlp.add_pipe(
+    nlp.add_pipe(
         "ptuning_textcat", config={"model": {"tok2vec": _tok2vec_cfg(tiny_bert, method)}}
     )
     train = _sentiment_examples(nlp, 64, seed=1)
