@@ -137,3 +137,35 @@ class Errors(metaclass=ErrorsWithCodes):
         "Invalid adapter name {name!r}: use 1-128 letters, digits, '_', '-' "
         "or '.', starting with a letter or digit (names never become paths)."
     )
+    # Scale-out on Ray (E036-E049): spacy_ptuning.ray_serve, spacy_ptuning.ray_data.
+    E036 = (
+        "{what} needs Ray ({error}). Install the 'ray' extra: "
+        "pip install \"spacy-ptuning[ray]\" (Ray Serve and Ray Data)."
+    )
+    E037 = (
+        "The text column '{column}' is not in {where}; its columns are: {columns}. "
+        "Name the column that holds the texts with text_column= (--text-column)."
+    )
+    E038 = (
+        "Unknown adapter '{name}' in {count} row(s) of {where} (first rows: {rows}). "
+        "Known adapters: {known}. Fix the adapter column, or add the adapter to the folder."
+    )
+    E039 = (
+        "The output folder '{path}' holds shards of a different run ({reason}). "
+        "Shards are skipped on a rerun only for the same input files, adapters, "
+        "columns and rows per shard; use a new output folder, or delete this one "
+        "(--overwrite) to start again."
+    )
+    E040 = (
+        "Give exactly one of adapter= (--adapter NAME: one adapter for every row) "
+        "and adapter_column= (--adapter-column COLUMN: an adapter name per row); got {got}."
+    )
+    E041 = "No input files: '{path}' is not a .jsonl/.json/.parquet file or a folder holding such files."
+    E042 = (
+        "The adapter column '{column}' is not in {where}; its columns are: {columns}."
+    )
+    E043 = (
+        "Adapter '{name}': the replica processing the request was lost ({error}) and "
+        "{tries} tries failed; nothing was answered for these texts. Ray restarts "
+        "lost replicas: retry the request."
+    )
