@@ -18,7 +18,7 @@ import time
 import traceback
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -26,25 +26,78 @@ DEFAULT_DATA = REPO.parent / "shared" / "data"
 
 
 class Task(NamedTuple):
-    pipe: str  # component name
+    pipe: str  # component name (also the kind of task: "ner" or "textcat")
     config: Path  # config of ours
     virtual_tokens: int  # default prompt length
     metric: str
     title: str
+    files: Tuple[str, str]  # train, dev under the data folder
+    labels: Tuple[str, ...]  # IOB tags (HF PEFT's token classes) or categories
+    gap: float  # the issues' target: (b) within this many points of (a) at the last budget
 
 
+SST2_LABELS = ("NEGATIVE", "POSITIVE")
 TASKS = {
-    "ner": Task("ner", REPO / "configs" / "ner.cfg", 16, "dev F1", "CoNLL-2003 NER"),
-    "textcat": Task("textcat", REPO / "configs" / "textcat.cfg", 20, "dev acc", "SST-2 sentiment"),
+    "ner": Task("ner", REPO / "configs" / "ner.cfg", 16, "dev F1", "CoNLL-2003 NER",
+                ("conll2003/train.iob", "conll2003/dev.iob"),
+                ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"), 1.5),
+    "bc5cdr": Task("ner", REPO / "configs" / "ner.cfg", 16, "dev F1", "BC5CDR medical NER (Chemical, Disease)",
+                   ("bc5cdr/train.iob", "bc5cdr/dev.iob"),
+                   ("O", "B-Chemical", "I-Chemical", "B-Disease", "I-Disease"), 1.0),
+    "textcat": Task("textcat", REPO / "configs" / "textcat.cfg", 20, "dev acc", "SST-2 sentiment",
+                    ("sst2/train.tsv", "sst2/dev.tsv"), SST2_LABELS, 2.0),
 }
 # The systems compare.py trains side by side, in table order.
 SYSTEMS = ("st", "prefix", "prompt_encoder", "prompt", "peft", "peft_ptuning", "peft_prompt")
-SST2_LABELS = ("NEGATIVE", "POSITIVE")
+# A system may be a variant, "prefix:n=64,lr=0.02,proj=512,dtype=bfloat16":
+# settings of that row only (virtual tokens, peak learning rate,
+# prefix_projection, our backbone dtype).
+VARIANT_KEYS = {"n": "num_virtual_tokens", "lr": "lr", "proj": "prefix_projection", "dtype": "dtype"}
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+OURS = ("prefix", "prompt_encoder", "prompt")
+
+
+def parse_system(name: str) -> Tuple[str, Dict[str, Union[float, str]]]:
+    """("prefix", {"num_virtual_tokens": 64}) of "prefix:n=64"; ValueError
+    (argparse shows it) on an unknown system or setting."""
+    base, _, rest = name.partition(":")
+    if base not in SYSTEMS:
+        raise ValueError(f"unknown system {base!r}: one of {', '.join(SYSTEMS)}")
+    settings: Dict[str, Union[float, str]] = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in VARIANT_KEYS or not value:
+            raise ValueError(f"{name!r}: settings are KEY=VALUE with KEY one of {', '.join(VARIANT_KEYS)}")
+        if (base == "st" and key != "lr") or (key == "proj" and base != "prefix") or \
+                (key == "dtype" and base not in OURS):
+            raise ValueError(f"{name!r}: {key} does not apply to {base}")
+        if key == "dtype" and value not in DTYPES:
+            raise ValueError(f"{name!r}: dtype is one of {', '.join(DTYPES)}")
+        settings[VARIANT_KEYS[key]] = value if key == "dtype" else float(value) if key == "lr" else int(value)
+    return base, settings
+
+
+def system_arg(name: str) -> str:
+    """argparse type of a system name (checked, returned as given)."""
+    import argparse
+
+    try:
+        parse_system(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+    return name
 
 
 def label(system: str, task: str) -> str:
+    base, settings = parse_system(system)
+    keys = {v: k for k, v in VARIANT_KEYS.items()}
+    extra = f" [{', '.join(f'{keys[k]}={v:g}' if not isinstance(v, str) else f'{keys[k]}={v}' for k, v in settings.items())}]" if settings else ""
+    return _label(base, task) + extra
+
+
+def _label(system: str, task: str) -> str:
     pipe = TASKS[task].pipe
-    head = "TOKEN_CLS" if task == "ner" else "SEQ_CLS"
+    head = "TOKEN_CLS" if pipe == "ner" else "SEQ_CLS"
     return {
         "st": f"(a) spacy-transformers trf+{pipe}, full fine-tuning",
         "prefix": f"(b) ours ptuning_{pipe} prefix (P-Tuning v2)",
@@ -64,7 +117,8 @@ def _require(path: Path, what: str, expected: str) -> None:
 
 def read_conll(path: Path, vocab=None, limit: int = 0, n_sents: int = 1) -> list:
     """The first ``limit`` sentences (0 = all) of a CoNLL-2003 file (``TOKEN
-    POS CHUNK NER``, IOB tags, blank line between sentences) as Docs,
+    POS CHUNK NER``, IOB tags, blank line between sentences; BC5CDR's ``TOKEN
+    NER`` too: the converter takes the first and last column) as Docs,
     ``n_sents`` sentences a Doc: spaCy's converter, as ``spacy convert -c ner
     -n N`` reads it. An I- tag that does not continue an entity of its type
     opens one (as in seqeval). The Docs are in ``vocab`` (through a DocBin,
@@ -72,8 +126,8 @@ def read_conll(path: Path, vocab=None, limit: int = 0, n_sents: int = 1) -> list
     from spacy.tokens import DocBin
     from spacy.training.converters import conll_ner_to_docs
 
-    _require(path, "CoNLL-2003", "<data_dir>/conll2003/train.iob and dev.iob (one 'TOKEN POS CHUNK NER' "
-                                 "per line, blank line between sentences)")
+    _require(path, "IOB", f"<data_dir>/{path.parent.name}/train.iob and dev.iob (one token a line, the word "
+                          "first and the IOB tag last, a blank line between sentences)")
     sents = [s for s in path.read_text(encoding="utf8").split("\n\n")
              if s.strip() and not s.strip().startswith("-DOCSTART-")]
     if not sents:
@@ -110,13 +164,14 @@ def task_data(task: str, data_dir: Path, train_sents: int = 0, dev_sents: int = 
     first 16 training sentences of 30-40 words. Plain lists, so that a
     process can be handed them without loading spaCy's converter
     (``gold_doc`` makes Docs of them again)."""
-    if task == "ner":
-        train = read_conll(data_dir / "conll2003" / "train.iob", limit=train_sents)
-        all_dev = read_conll(data_dir / "conll2003" / "dev.iob")
+    train_file, dev_file = TASKS[task].files
+    if TASKS[task].pipe == "ner":
+        train = read_conll(data_dir / train_file, limit=train_sents)
+        all_dev = read_conll(data_dir / dev_file)
         pair = lambda d: (words(d), iob_tags(d))  # noqa: E731
     else:
-        train = read_sst2(data_dir / "sst2" / "train.tsv", limit=train_sents)
-        all_dev = read_sst2(data_dir / "sst2" / "dev.tsv")
+        train = read_sst2(data_dir / train_file, limit=train_sents)
+        all_dev = read_sst2(data_dir / dev_file)
         pair = lambda d: (words(d), max(d.cats, key=d.cats.get))  # noqa: E731
     n_dev = min(dev_sents or len(all_dev), len(all_dev))
     dev = [pair(all_dev[i]) for i in sorted(random.Random(seed).sample(range(len(all_dev)), n_dev))]
@@ -318,7 +373,7 @@ def predict(nlp, docs, batch_size: int = 64) -> Tuple[list, float]:
 def score(task: str, egs) -> Dict:
     """{"score": ...}: NER: spaCy's entity scorer (micro P/R/F over exact
     spans, and per type); textcat: accuracy of the top category."""
-    if task == "ner":
+    if TASKS[task].pipe == "ner":
         from spacy.scorer import get_ner_prf
 
         s = get_ner_prf(egs)

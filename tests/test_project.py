@@ -18,7 +18,7 @@ def test_project_workflows_resolve():
 
     config = load_project_config(REPO)  # substitutes ${vars...}; fails on an unknown variable
     names = {c["name"] for c in config["commands"]}
-    for workflow in ("demo", "all"):
+    for workflow in ("demo", "all", "medical"):
         missing = [step for step in config["workflows"][workflow] if step not in names]
         assert not missing, f"workflow {workflow} names unknown commands {missing}"
     script = " ".join(" ".join(c["script"]) for c in config["commands"])
@@ -74,6 +74,36 @@ def test_conll_reader(tmp_path):
                                                                           [(0, 1, "LOC")]]
     assert len(common.read_conll(path, vocab, limit=2)) == 2
     assert [len(d) for d in common.read_conll(path, vocab, n_sents=2)] == [4, 1]
+
+
+def test_bc5cdr_two_column_iob_reads_as_task_data(tmp_path):
+    """BC5CDR's 'TOKEN NER' lines: the converter takes the word and the tag,
+    multi-token entities and both types survive into (words, tags) pairs."""
+    (tmp_path / "bc5cdr").mkdir()
+    sents = ["Selegiline B-Chemical\n- O\ninduced O\npostural B-Disease\nhypotension I-Disease",
+             "Parkinson B-Disease\n' I-Disease\ns I-Disease\ndisease I-Disease\n. O",
+             "Naloxone B-Chemical\nreverses O\nit O"]
+    for split in ("train", "dev"):
+        (tmp_path / "bc5cdr" / f"{split}.iob").write_text("\n\n".join(sents) + "\n", encoding="utf8")
+    train, dev, _ = common.task_data("bc5cdr", tmp_path)
+    assert train == dev
+    assert train[0] == (["Selegiline", "-", "induced", "postural", "hypotension"],
+                        ["B-Chemical", "O", "O", "B-Disease", "I-Disease"])
+    assert train[1][1] == ["B-Disease", "I-Disease", "I-Disease", "I-Disease", "O"] and len(train) == 3
+    assert {t for _, tags in train for t in tags} <= set(common.TASKS["bc5cdr"].labels)
+
+
+def test_system_variants_parse_and_refuse_what_does_not_apply():
+    assert common.parse_system("prefix") == ("prefix", {})
+    assert common.parse_system("prefix:n=64,lr=0.02,proj=512,dtype=bfloat16") == (
+        "prefix", {"num_virtual_tokens": 64, "lr": 0.02, "prefix_projection": 512, "dtype": "bfloat16"})
+    assert common.parse_system("st:lr=3e-5") == ("st", {"lr": 3e-5})
+    assert "[n=64, lr=0.02]" in common.label("prefix:n=64,lr=0.02", "bc5cdr")
+    for bad, why in [("st:n=64", "does not apply"), ("prompt:proj=8", "does not apply"),
+                     ("peft:dtype=bfloat16", "does not apply"), ("prefix:dtype=fp8", "dtype is one of"),
+                     ("prefix:x=1", "KEY one of"), ("adapter", "unknown system")]:
+        with pytest.raises(ValueError, match=why):
+            common.parse_system(bad)
 
 
 def test_entity_f1_and_accuracy_are_spacys():
