@@ -18,7 +18,7 @@ from spacy.cli._util import Arg, Opt, app, import_code
 
 ptuning_cli = typer.Typer(
     name="ptuning",
-    help="spacy-ptuning commands: serve a folder of adapters over HTTP.",
+    help="spacy-ptuning commands: serve a folder of adapters over HTTP; annotate a dataset with Ray Data.",
     no_args_is_help=True,
 )
 app.add_typer(ptuning_cli)
@@ -94,6 +94,51 @@ def serve_cli(
         max_loaded=max_loaded,
         check_interval=None if check_interval < 0 else check_interval,
         log_level=log_level,
+    )
+
+
+@ptuning_cli.command("annotate")
+def annotate_cli(
+    # fmt: off
+    input_path: Path = Arg(..., help="A .jsonl/.json (one object per line) or .parquet file, or a folder of them", exists=True),
+    output_dir: Path = Arg(..., help="Folder for the output shards (input columns + ents + cats); rerun with the same arguments to resume"),
+    adapters: Path = Arg(..., help="Folder with one saved pipeline per subfolder, or one pipeline folder", exists=True, file_okay=False),
+    adapter: Optional[str] = Opt(None, "--adapter", help="The adapter for every row (or use --adapter-column)"),
+    adapter_column: Optional[str] = Opt(None, "--adapter-column", help="The column that names each row's adapter"),
+    text_column: str = Opt("text", "--text-column", help="The column of texts"),
+    workers: int = Opt(2, "--workers", help="Ray Data workers; each loads the backbone once"),
+    batch_size: int = Opt(64, "--batch-size", help="Texts per mixed-adapter batch in a worker"),
+    rows_per_shard: int = Opt(10_000, "--rows-per-shard", help="Rows per output file (the unit of resumption)"),
+    output_format: Optional[str] = Opt(None, "--format", help="jsonl or parquet (default: as the input)"),
+    num_cpus: float = Opt(1.0, "--num-cpus", help="CPUs per worker"),
+    num_gpus: float = Opt(0.0, "--num-gpus", help="GPUs per worker (> 0: the backbone runs on it)"),
+    address: Optional[str] = Opt(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, or a local Ray instance)"),
+    overwrite: bool = Opt(False, "--overwrite", help="Delete OUTPUT_DIR first instead of resuming"),
+    code_path: Optional[Path] = Opt(None, "--code", "-c", help="Path to Python file with additional code to import before loading adapters"),
+    # fmt: on
+):
+    """Annotate a JSONL/Parquet dataset with Ray Data (spacy_ptuning.ray_data):
+    one file per shard of rows, resumable; needs the 'ray' extra."""
+    try:
+        from .errors import PTuningError
+        from .ray_data import annotate
+    except ImportError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(1)
+    import_code(code_path)
+    try:
+        summary = annotate(
+            input_path, output_dir, adapters, adapter=adapter, adapter_column=adapter_column,
+            text_column=text_column, num_workers=workers, batch_size=batch_size,
+            rows_per_shard=rows_per_shard, output_format=output_format, num_cpus=num_cpus,
+            num_gpus=num_gpus, overwrite=overwrite, address=address,
+        )
+    except PTuningError as e:  # bad input: the message says what to do
+        typer.echo(str(e), err=True)
+        raise typer.Exit(1)
+    typer.echo(
+        f"{summary['rows']} rows in {summary['shards']} shards -> {summary['output_dir']} "
+        f"({summary['done']} written now, {summary['skipped']} already there; {summary['seconds']:.1f} s)"
     )
 
 

@@ -353,6 +353,27 @@ def test_annotate_parquet_one_adapter_and_bad_rows(ray_local, adapters_dir, nlps
     assert [p.name for p in sorted((tmp_path / "o3").glob("part-*"))] == ["part-00000-000000.jsonl"]
 
 
+def test_annotate_cli(ray_local, adapters_dir, nlps, tmp_path):
+    from typer.testing import CliRunner
+
+    from spacy_ptuning.cli import ptuning_cli
+    from spacy_ptuning.ray_data import read_output
+
+    inputs = [{"id": k, "body": t, "adapter": "ner"} for k, t in enumerate(_sentences(120))]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in inputs))
+    args = ["annotate", str(tmp_path / "in.jsonl"), str(tmp_path / "out"), str(adapters_dir),
+            "--text-column", "body", "--workers", "1", "--num-cpus", "0.5", "--rows-per-shard", "50"]
+    result = CliRunner().invoke(ptuning_cli, args + ["--adapter", "ner"])
+    assert result.exit_code == 0, result.output
+    assert "120 rows in 3 shards" in result.output and "3 written now, 0 already there" in result.output
+    rows = read_output(tmp_path / "out")
+    _check_rows([{**r, "text": r["body"]} for r in rows], [{**r, "text": r["body"]} for r in inputs], nlps)
+    result = CliRunner().invoke(ptuning_cli, args + ["--adapter", "ner"])
+    assert result.exit_code == 0 and "0 written now, 3 already there" in result.output
+    result = CliRunner().invoke(ptuning_cli, args + ["--adapter", "nope"])
+    assert result.exit_code == 1 and "[PT-E033] Unknown adapter 'nope'" in result.output
+
+
 def test_without_ray_the_import_says_how_to_install():
     code = (
         "import sys\n"
