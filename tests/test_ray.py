@@ -97,7 +97,8 @@ class TestServe:
         # two adapters per replica: four adapters fit only if routing places them.
         serve.run(
             build_app({"adapters_dir": str(adapters_dir), "num_replicas": "2", "max_models": "2",
-                       "num_cpus": "0.5", "max_wait_ms": "5", "timeout_s": "30", "check_interval": "-1"}),
+                       "num_cpus": "0.5", "max_wait_ms": "5", "timeout_s": "30", "check_interval": "-1",
+                       "max_items": "5000", "max_queue": "8000"}),
             name=APP, route_prefix="/",
         )
         yield f"http://127.0.0.1:{port}"
@@ -212,7 +213,8 @@ class TestServe:
         _assert_doc({k: v for k, v in body["results"][3].items() if k != "adapter"}, expected["sentiment"][TEXTS[1]])
         assert client.get("/adapters").json()["adapters"][0]["name"] == "broken"
 
-    def test_replica_killed_mid_run_loses_no_request(self, client, expected, placed):
+    def test_replica_killed_mid_run_loses_no_request(self, client, expected, placed, nlps):
+        expected_big = {doc.text: doc for doc in nlps["ner"].pipe([f"{TEXTS[k % len(TEXTS)]} {k}" for k in range(50)])}
         victim = client.post("/adapters/ner/process", json={"texts": ["x"]}).headers["x-ptuning-replica"]
         stop = threading.Event()
         results = []
@@ -229,17 +231,35 @@ class TestServe:
                     results.append((name, texts, -1, {"detail": repr(e)}, None))
                 i += 1
 
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        big_texts = [f"{TEXTS[k % len(TEXTS)]} {k}" for k in range(3000)]
+        big = []
+
+        def big_request():  # seconds of work for the victim: in flight when it dies
+            r = client.post("/adapters/ner/process", json={"texts": big_texts})
+            big.append((r.status_code, r.json(), r.headers.get("x-ptuning-replica")))
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
         for t in threads:
             t.start()
         time.sleep(1.0)
         n_before = len(results)
+        big_thread = threading.Thread(target=big_request)
+        big_thread.start()
+        time.sleep(0.5)
         ray.kill(_replica_actor(victim), no_restart=False)
         time.sleep(1.5)
         stop.set()
-        for t in threads:
-            t.join(60)
+        for t in threads + [big_thread]:
+            t.join(120)
         assert n_before > 0 and len(results) > n_before + 4
+        # The big request was on the victim when it died: it was re-sent to the
+        # live replica (or failed with a clear error), never answered short.
+        status, body, replica = big[0]
+        assert (status == 200 and replica != victim) or (status == 503 and "[PT-E043]" in body["detail"]), (status, replica, victim)
+        if status == 200:
+            assert len(body["docs"]) == len(big_texts)
+            for text, got in zip(big_texts[:50], body["docs"]):
+                _assert_doc(got, expected_big[text])
         failed = []
         for name, texts, status, body, replica in results:
             if status == 200:  # an answer is the right answer
