@@ -105,22 +105,35 @@ class Adapter(torch.nn.Module):
         self._prompt_cache = None
 
     def prompt_values(self, batch_size: int):
-        """``self.prompts(batch_size)``; at inference (eval mode, no grad)
-        computed once and reused until a parameter changes: torch's version
-        counters see in-place edits and ``load_state_dict``; thinc's
+        """The prompts for ``batch_size`` rows, in the backbone's dtype: cast
+        before the batch expansion, so a half-precision backbone gets a view
+        of one (P, width) tensor per layer, not a float32 copy per row that
+        each layer would cast again. At inference (eval mode, no grad) they
+        are computed once and reused until a parameter changes: torch's
+        version counters see in-place edits and ``load_state_dict``; thinc's
         optimizers write through array views that they do not see, so the
         shim's ``finish_update`` calls :meth:`invalidate_prompt_cache`. The
         P-Tuning v1 LSTM or a prefix MLP costs more than it should per batch."""
         if self.training or torch.is_grad_enabled():
-            return self.prompts(batch_size)
-        key = tuple((id(p), p._version) for p in self.parameters())
-        cache = self._prompt_cache
-        if cache is None or cache[0] != key:
-            cache = self._prompt_cache = (key, self.prompts(1))
-        values = cache[1]
+            values = self._one_row()
+        else:
+            key = tuple((id(p), p._version) for p in self.parameters())
+            cache = self._prompt_cache
+            if cache is None or cache[0] != key:
+                cache = self._prompt_cache = (key, self._one_row())
+            values = cache[1]
         if self.input_prompts:
             return values.expand(batch_size, -1, -1)
         return [(k.expand(batch_size, -1, -1), v.expand(batch_size, -1, -1)) for k, v in values]
+
+    def _one_row(self):
+        """The prompts of one row (dropout, if any, is shared by the rows of
+        a batch, as before the expansion), cast to the backbone's dtype."""
+        dtype = self.backbone.model.dtype
+        values = self.prompts(1)
+        if self.input_prompts:
+            return values.to(dtype)
+        return [(k.to(dtype), v.to(dtype)) for k, v in values]
 
     @property
     def backbone(self) -> Backbone:
@@ -201,7 +214,7 @@ class Adapter(torch.nn.Module):
         lengths = [int(n) for n in attention_mask.sum(dim=1).tolist()]
         batch_size, width = input_ids.shape
         self.tokens_real += int(sum(lengths))
-        if self.max_batch_tokens <= 0 or self.backbone.tokenizer.padding_side != "right":
+        if self.max_batch_tokens <= 0 or self.backbone.padding_side != "right":
             self.tokens_sent += batch_size * width
             return self._encode(input_ids, attention_mask, token_type_ids)
         groups = length_groups(lengths, self.max_batch_tokens)
@@ -242,7 +255,7 @@ class Adapter(torch.nn.Module):
                 output = model(input_ids=input_ids, attention_mask=mask, **extra)
             return output.last_hidden_state.float()
         embeds = model.get_input_embeddings()(input_ids)
-        virtual = self.prompt_values(batch_size).to(embeds.dtype)
+        virtual = self.prompt_values(batch_size)
         if token_type_ids is not None and self.backbone.takes_token_types:
             zeros = token_type_ids.new_zeros((batch_size, P))
             extra["token_type_ids"] = torch.cat([zeros, token_type_ids], dim=1)

@@ -35,7 +35,7 @@ def ptuning_transformer_v1(
     pooling: Optional[Model[Ragged, Floats2d]] = None,
     grad_factor: float = 1.0,
     revision: Optional[str] = None,
-    dtype: str = "float32",
+    dtype: str = "auto",
     max_batch_tokens: int = 4096,
 ) -> Model[List[Doc], List[Floats2d]]:
     """A frozen, shared Hugging Face encoder with trainable continuous prompts,
@@ -56,10 +56,12 @@ def ptuning_transformer_v1(
     pooling: wordpieces -> token pooling (default: mean).
     grad_factor: scale of the gradient flowing back into the prompts.
     revision: HF revision of the backbone.
-    dtype: backbone weights dtype: float32, bfloat16, float16, or auto
-        (bfloat16 where the device computes it natively, else float32; the
-        choice and the reason are printed at initialisation) (prompts
-        always train in float32).
+    dtype: backbone weights dtype: auto (the default: bfloat16 where the
+        device computes it natively, else float32; the choice and the reason
+        are printed at initialisation), float32, bfloat16 or float16.
+        Prompts always train in float32. In half precision a text's result
+        depends slightly on the batch it is in (padding changes the rounding);
+        float32 makes results stable across batches to ~1e-5.
     max_batch_tokens: the backbone runs on length-sorted groups of similar
         length of at most this many padded wordpieces (less padding);
         0 sends the whole batch padded to its longest sequence.

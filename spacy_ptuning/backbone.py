@@ -127,6 +127,12 @@ class Backbone:
         return self.model.config
 
     @property
+    def padding_side(self) -> str:
+        """How the pipelines' own tokenizer copies pad (as loaded): what the
+        public ``tokenizer`` is set to later does not reach them."""
+        return self._tokenizers.template.padding_side
+
+    @property
     def family(self) -> Family:
         return FAMILIES[self.model.config.model_type]
 

@@ -24,7 +24,7 @@ prefix_projection = 0
 prompt_encoder = "lstm"
 prompt_dropout = 0.0
 grad_factor = 1.0
-dtype = "float32"
+dtype = "auto"
 
 [model.tok2vec.get_spans]
 @span_getters = "spacy-transformers.strided_spans.v1"

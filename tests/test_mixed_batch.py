@@ -20,11 +20,13 @@ TEXTS = [
 ]
 
 
-def _pipeline(backbone, factory, method, n, seed):
+def _pipeline(backbone, factory, method, n, seed, dtype="float32"):
     fix_random_seed(seed)
     nlp = spacy.blank("en")
+    # float32: mixed batches equal each pipeline alone to 1e-5 there; in
+    # bfloat16 (what "auto" picks on some CPUs) only to its rounding.
     tok2vec = {"@architectures": "spacy_ptuning.PTuningTransformer.v1", "backbone": backbone,
-               "method": method, "num_virtual_tokens": n}
+               "method": method, "num_virtual_tokens": n, "dtype": dtype}
     factories = [factory] if isinstance(factory, str) else factory
     for f in factories:
         nlp.add_pipe(f, config={"model": {"tok2vec": tok2vec}})
@@ -87,6 +89,31 @@ def test_vectors_equal_each_adapter_alone_on_every_family(any_tiny_backbone):
     # Rows of several adapters (prefix and input-prompt alike) shared passes.
     assert stats.passes < len(jobs)
     assert max(stats.adapters_per_pass) >= 4
+
+
+def test_bfloat16_mixed_batches_agree_to_its_rounding(tiny_bert):
+    """With a bfloat16 backbone (what dtype "auto" picks on CPUs with
+    AVX512-BF16) a row's vectors depend on its batch at bfloat16 rounding:
+    within a few units of 2^-8 of each pipeline alone, far below what a wrong
+    prefix or mask would change."""
+    nlps = [_pipeline(tiny_bert, "ptuning_ner", "prefix", 4, 1, dtype="bfloat16"),
+            _pipeline(tiny_bert, "ptuning_textcat", "prompt", 6, 2, dtype="bfloat16")]
+    jobs = []
+    for nlp in nlps:
+        docs = [nlp.make_doc(t) for t in TEXTS]
+        for _, pipe in nlp.pipeline:
+            jobs.extend((tok2vec, inner, adapter, docs) for tok2vec, inner, adapter in find_adapter_layers(pipe))
+    mixed = _mixed_vectors(jobs, max_batch_tokens=4096, stats=MixedStats())
+    worst = 0.0
+    for tok2vec, _, _, docs in jobs:
+        for doc, expected in zip(docs, tok2vec.predict(docs)):
+            got = mixed[(id(tok2vec), id(doc))]
+            assert got.shape == expected.shape
+            worst = max(worst, float(numpy.abs(got - expected).max(initial=0.0)))
+    (a, *_), (b, *_) = jobs[0], jobs[-1]
+    docs = jobs[0][3]
+    between = max(float(numpy.abs(x - y).max(initial=0.0)) for x, y in zip(a.predict(docs), b.predict(docs)))
+    assert worst <= 4 * 2**-8 and between > 100 * 2**-8, (worst, between)  # measured: 2^-8 and 3.0
 
 
 def test_pipe_mixed_equals_each_pipeline_alone(pipelines):

@@ -12,13 +12,14 @@ import textwrap
 import threading
 
 import numpy
+import torch
 import pytest
 import spacy
 from spacy.training import Example
 from spacy.util import fix_random_seed
 from thinc.api import Adam
 
-from spacy_ptuning import get_adapter, load_backbone
+from spacy_ptuning import get_adapter
 
 TEXTS = [
     "alice visited paris today",
@@ -150,16 +151,17 @@ def test_pipe_n_process_matches_single_process(nlp, tmp_path):
 def test_pickle_holds_prompts_not_backbone_and_reuses_the_shared_one(nlp, tiny_bert):
     data = pickle.dumps(nlp)
     # No backbone weight is in the pickle: neither bytes of an embedding row
-    # nor anything like the backbone's size (the tiny backbone's float32
-    # weights are ~100 KB; the pipeline's own parameters a few KB).
-    backbone = load_backbone(tiny_bert)
+    # nor anything like the backbone's size (the tiny backbone's weights are
+    # ~50-100 KB; the pipeline's own parameters a few KB).
+    backbone = get_adapter(nlp.get_pipe(nlp.pipe_names[0]).model).backbone
     for row in (7, 42):
-        needle = backbone.model.get_input_embeddings().weight[row].numpy().tobytes()
+        needle = backbone.model.get_input_embeddings().weight[row].view(torch.uint8).numpy().tobytes()
         assert needle not in data
-    weights = 4 * backbone.num_parameters
+    weights = backbone.model.dtype.itemsize * backbone.num_parameters
     overhead = len(pickle.dumps(spacy.blank("en")))
     saved = sum(len(nlp.get_pipe(name).to_bytes()) for name in nlp.pipe_names)
-    assert len(data) - overhead < saved * 1.5 < weights, (len(data), overhead, saved, weights)
+    # (a pickle that held the backbone would pass saved + weights)
+    assert len(data) - overhead < min(saved * 1.5, saved + weights / 2), (len(data), overhead, saved, weights)
     loaded = pickle.loads(data)
     for name in nlp.pipe_names:
         original = get_adapter(nlp.get_pipe(name).model)
@@ -194,7 +196,7 @@ def test_eight_threads_mixing_pipelines_and_direct_tokenizer_use(nlp, tiny_bert)
     among themselves under their own lock) must neither break the pipelines
     ('Already borrowed', or encoding with another call's truncation) nor be
     broken by them."""
-    tokenizer = load_backbone(tiny_bert).tokenizer
+    tokenizer = get_adapter(nlp.get_pipe("ptuning_ner").model).backbone.tokenizer
     docs = [nlp.make_doc(t) for t in TEXTS]
     tok2vecs = [nlp.get_pipe(name).model.get_ref("tok2vec") for name in nlp.pipe_names]
     expected_vectors = [m.predict(docs) for m in tok2vecs]
@@ -251,7 +253,7 @@ def test_deepcopy_shares_a_backbone_that_load_backbone_cannot_find(tiny_bert):
 def test_reconfiguring_the_public_tokenizer_changes_no_pipeline(nlp, tiny_bert):
     """What other code does to ``backbone.tokenizer`` (its length limit,
     padding side, truncation left set by a call) does not reach pipelines."""
-    tokenizer = load_backbone(tiny_bert).tokenizer
+    tokenizer = get_adapter(nlp.get_pipe("ptuning_ner").model).backbone.tokenizer
     expected = _results(nlp.pipe(TEXTS))
     docs = [nlp.make_doc(t) for t in TEXTS]
     tok2vec = nlp.get_pipe("ptuning_ner").model.get_ref("tok2vec")
