@@ -54,6 +54,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from .errors import Errors
@@ -341,7 +342,7 @@ class PTuningRouter:
 
 # -- the application -------------------------------------------------------------
 
-_INT = ("num_replicas", "max_models", "max_ongoing_requests", "retries", "max_batch_texts", "max_batch_tokens",
+_INT = ("num_replicas", "router_replicas", "max_models", "max_ongoing_requests", "retries", "max_batch_texts", "max_batch_tokens",
         "max_queue", "max_items", "max_chars")
 _FLOAT = ("num_cpus", "num_gpus", "max_wait_ms", "timeout_s", "check_interval")
 _CONFIG = ("batching", "max_wait_ms", "max_batch_texts", "max_batch_tokens", "max_queue", "timeout_s",
@@ -355,7 +356,8 @@ def build_app(args: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> "serve
     adapters_dir=DIR num_replicas=2`` and for the ``args:`` of a Serve config
     file. Arguments (strings from the command line are converted):
 
-    adapters_dir (required), num_replicas (1), max_models (8: adapters per
+    adapters_dir (required), num_replicas (1), router_replicas (1: the HTTP
+    ingress; one per node or more on a cluster), max_models (8: adapters per
     replica), num_cpus (1 per replica), num_gpus (0 per replica; > 0 puts the
     backbone on the replica's GPU), max_ongoing_requests (64 per replica),
     retries (3: tries when a replica dies mid-request), check_interval (1.0 s;
@@ -375,7 +377,8 @@ def build_app(args: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> "serve
     for key in _FLOAT:
         if key in opts:
             opts[key] = float(opts[key])
-    adapters_dir = str(opts["adapters_dir"])
+    # Absolute: replicas do not run in the driver's working directory.
+    adapters_dir = str(Path(opts["adapters_dir"]).expanduser().resolve())
     AdapterPool(adapters_dir, max_loaded=1)  # a missing folder fails here, not in every replica
     config = {k: opts[k] for k in _CONFIG if k in opts}
     ServeConfig(**config)  # bad values fail here too
@@ -386,7 +389,8 @@ def build_app(args: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> "serve
         ray_actor_options={"num_cpus": opts.get("num_cpus", 1.0), "num_gpus": opts.get("num_gpus", 0.0)},
     ).bind(adapters_dir, opts.get("max_models", DEFAULT_MAX_MODELS), config,
            None if check_interval < 0 else check_interval)
-    return PTuningRouter.bind(replicas, adapters_dir, config, opts.get("retries", 3))
+    router = PTuningRouter.options(num_replicas=opts.get("router_replicas", 1))
+    return router.bind(replicas, adapters_dir, config, opts.get("retries", 3))
 
 
 __all__ = ["PTuningDeployment", "PTuningRouter", "build_app", "REPLICA_HEADER", "REPLICAS_HEADER"]
