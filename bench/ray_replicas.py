@@ -74,8 +74,8 @@ def run_ray(folder: Path, replicas: int, cpus: float, port: int, work, names, ar
 
     url = f"http://127.0.0.1:{port}"
     start = time.perf_counter()
-    serve.run(build_app(adapters_dir=str(folder), num_replicas=replicas, num_cpus=cpus, max_models=10,
-                        check_interval=-1), name=APP, route_prefix="/")
+    serve.run(build_app({"adapters_dir": str(folder), "num_replicas": replicas, "num_cpus": cpus, "max_models": 10,
+                         "check_interval": -1}), name=APP, route_prefix="/")
     placement: Dict[str, str] = {}
     with httpx.Client(base_url=url, timeout=120) as http:
         for name in names:  # one at a time: Serve places each new adapter on the replica with the fewest

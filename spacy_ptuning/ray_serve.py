@@ -349,7 +349,7 @@ _CONFIG = ("batching", "max_wait_ms", "max_batch_texts", "max_batch_tokens", "ma
            "max_items", "max_chars")
 
 
-def build_app(args: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> "serve.Application":
+def build_app(args: Mapping[str, Any]) -> "serve.Application":
     """The application: ``PTuningRouter`` in front of ``PTuningDeployment``.
 
     An application builder for ``serve run spacy_ptuning.ray_serve:build_app
@@ -365,7 +365,7 @@ def build_app(args: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> "serve
     batching, max_wait_ms, max_batch_texts, max_batch_tokens, max_queue,
     timeout_s, max_items, max_chars (as ``ServeConfig``).
     """
-    opts: Dict[str, Any] = {**dict(args or {}), **kwargs}
+    opts: Dict[str, Any] = dict(args)  # one parameter: Serve's rule for application builders
     if "adapters_dir" not in opts:
         raise ValueError("build_app needs adapters_dir=FOLDER (one saved pipeline per subfolder)")
     unknown = set(opts) - {"adapters_dir", *_INT, *_FLOAT, *_CONFIG}
