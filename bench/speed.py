@@ -81,7 +81,7 @@ def main() -> None:
                   flush=True)
     ours = next((nlps[s] for s in args.systems if s == "ours"), None)
     if ours is not None:
-        module = ours.get_pipe("ner").model.get_ref("tok2vec")
+        module = ours.get_pipe("ptuning_ner").model.get_ref("tok2vec")
         from spacy_ptuning.transformer_model import get_adapter
 
         print(f"\n'ours' backbone dtype here: {get_adapter(module).backbone.dtype}")
