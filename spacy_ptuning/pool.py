@@ -176,6 +176,13 @@ class AdapterPool:
             raise UnknownAdapter(Errors.E033.format(name=name, known=known))
         return entry
 
+    def require(self, name: str) -> None:
+        """Raise what :meth:`get` would for a bad or unknown name
+        (:class:`InvalidAdapterName`, :class:`UnknownAdapter`, with the same
+        message), without loading anything: for front ends that route
+        requests to pools elsewhere (``ray_serve``)."""
+        self._entry(name)
+
     # -- loading -----------------------------------------------------------
 
     def get(self, name: str) -> Language:

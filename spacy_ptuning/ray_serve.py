@@ -55,7 +55,7 @@ import concurrent.futures
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 from .errors import Errors
 
@@ -70,7 +70,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(Errors.E036.format(what="spacy_ptuning.ray_serve", error=e)) from e
 
 from .pool import AdapterPool, InvalidAdapterName, UnknownAdapter
-from .server import Batcher, ItemsIn, QueueFull, ServeConfig, ShuttingDown, TextsIn, _check_size, _describe_error, _Job, _public
+from .server import Batcher, ItemsIn, QueueFull, ServeConfig, ShuttingDown, TextsIn, check_size, describe_error, Job, public_info
 
 logger = logging.getLogger("spacy_ptuning.ray_serve")
 
@@ -90,7 +90,7 @@ class _Status(Exception):
 
 
 def _router_public(info: dict) -> dict:
-    out = _public(info)
+    out = public_info(info)
     out.pop("loaded", None)  # the router's own pool never loads: not the replicas' state
     return out
 
@@ -167,9 +167,9 @@ class PTuningDeployment:
         except InvalidAdapterName as e:
             return {**out, "status": 422, "detail": str(e)}
         except Exception as e:  # AdapterLoadFailed: this adapter only
-            return {**out, "status": 500, "detail": _describe_error(e)}
+            return {**out, "status": 500, "detail": describe_error(e)}
         loop = asyncio.get_running_loop()
-        job = _Job([(name, nlp, t) for t in texts], loop)
+        job = Job([(name, nlp, t) for t in texts], loop)
         try:
             self.batcher.submit(job)
         except (QueueFull, ShuttingDown):
@@ -230,7 +230,7 @@ class PTuningRouter:
     def _check_name(self, name: str) -> None:
         """The same lookup (and so the same 404/422 body) as our server."""
         try:
-            self.pool._entry(name)
+            self.pool.require(name)
         except UnknownAdapter as e:
             raise _Status(404, str(e))
         except InvalidAdapterName as e:
@@ -279,7 +279,7 @@ class PTuningRouter:
     async def process_adapter(self, name: str, body: TextsIn):
         """Process texts with one adapter: {"adapter", "docs": [...]}."""
         try:
-            _check_size(self.config, body.texts)
+            check_size(self.config, body.texts)
             self._check_name(name)
             answer = await self._forward(name, body.texts)
         except _Status as s:
@@ -304,7 +304,7 @@ class PTuningRouter:
         for i, (name, _) in enumerate(items):
             by_name.setdefault(name, []).append(i)
         try:
-            _check_size(self.config, [t for _, t in items])
+            check_size(self.config, [t for _, t in items])
             for name in by_name:  # the client's mistakes fail the whole request
                 self._check_name(name)
             answers = await asyncio.gather(
@@ -321,7 +321,7 @@ class PTuningRouter:
                     raise HTTPException(answer.status, answer.detail)
                 per_item: List[Union[str, dict]] = [answer.detail] * len(idx)
             elif isinstance(answer, BaseException):
-                per_item = [_describe_error(answer)] * len(idx)
+                per_item = [describe_error(answer)] * len(idx)
             else:
                 replicas.append(f"{name}={answer['replica']}")
                 if "status" in answer:

@@ -109,7 +109,7 @@ def doc_json(doc: Doc) -> Dict[str, Any]:
 # -- batcher -----------------------------------------------------------------
 
 
-class _Job:
+class Job:
     """One request's texts, each with its resolved pipeline; answered through
     an asyncio future of the request's event loop."""
 
@@ -150,7 +150,7 @@ class Batcher:
         self.config = config
         self.metrics = metrics
         self._cond = threading.Condition()
-        self._jobs: "deque[_Job]" = deque()
+        self._jobs: "deque[Job]" = deque()
         self._waiting = 0  # texts in _jobs
         self._pending = 0  # texts accepted, not yet answered (waiting or running)
         self._closing = False
@@ -165,7 +165,7 @@ class Batcher:
             self._thread = threading.Thread(target=self._run, name="spacy-ptuning-batcher", daemon=True)
             self._thread.start()
 
-    def submit(self, job: _Job) -> None:
+    def submit(self, job: Job) -> None:
         """Queue a job; raises QueueFull or ShuttingDown instead."""
         n = len(job.work)
         with self._cond:
@@ -203,7 +203,7 @@ class Batcher:
                     if left <= 0:
                         break
                     self._cond.wait(left)
-                batch: List[_Job] = []
+                batch: List[Job] = []
                 n = 0
                 while self._jobs and (not batch or n + len(self._jobs[0].work) <= max_texts):
                     job = self._jobs.popleft()
@@ -228,7 +228,7 @@ class Batcher:
                     self._pending -= n
                     self._cond.notify_all()
 
-    def _process(self, batch: List[_Job]) -> None:
+    def _process(self, batch: List[Job]) -> None:
         items = [(nlp, text) for job in batch for (_, nlp, text) in job.work]
         start = time.perf_counter()
         stats = MixedStats()
@@ -238,7 +238,7 @@ class Batcher:
             logger.exception("a batch of %d texts failed; running its adapters one by one", len(items))
             outputs = self._run_isolated(items, stats)
         results: List[Union[Dict[str, Any], str]] = [
-            doc_json(out) if isinstance(out, Doc) else _describe_error(out) for out in outputs
+            doc_json(out) if isinstance(out, Doc) else describe_error(out) for out in outputs
         ]
         if self.metrics:
             self.metrics.observe_batch(batch, stats, time.perf_counter() - start)
@@ -277,7 +277,7 @@ def _group(items: Sequence[Tuple[Language, str]]) -> Dict[int, Tuple[Language, L
     return groups
 
 
-def _describe_error(e: BaseException) -> str:
+def describe_error(e: BaseException) -> str:
     text = str(e)
     return text if text.startswith("[PT-") else f"{type(e).__name__}: {text}"
 
@@ -346,7 +346,7 @@ class _Metrics:
         queue.set_function(batcher_pending)
         r.register(_PoolCollector(pool))
 
-    def observe_batch(self, batch: List[_Job], stats: MixedStats, seconds: float) -> None:
+    def observe_batch(self, batch: List[Job], stats: MixedStats, seconds: float) -> None:
         names = [name for job in batch for name, _, _ in job.work]
         self.batch_texts.observe(len(names))
         self.batch_adapters.observe(len(set(names)))
@@ -575,16 +575,16 @@ def create_app(
     @app.get("/adapters")
     def list_adapters():
         """Every adapter, loaded or not: tasks, labels, method, backbone."""
-        return {"adapters": [_public(state.pool.describe(name)) for name in state.pool.names()]}
+        return {"adapters": [public_info(state.pool.describe(name)) for name in state.pool.names()]}
 
     @app.get("/adapters/{name}")
     def describe_adapter(name: str):
-        return _public(_describe(state, name))
+        return public_info(_describe(state, name))
 
     @app.post("/adapters/{name}/process")
     async def process_adapter(name: str, body: TextsIn, request: Request):
         """Process texts with one adapter: {"docs": [Doc.to_json, ...]}."""
-        _check_size(config, body.texts)
+        check_size(config, body.texts)
         results, _ = await _answer(state, request, [(name, t) for t in body.texts], mixed=False)
         errors = [r for r in results if isinstance(r, str)]
         if errors:
@@ -595,7 +595,7 @@ def create_app(
     async def process_mixed(body: ItemsIn, request: Request):
         """Process a mixed list of (adapter, text) items: {"results": [...]}, in
         order; an item whose adapter failed carries "error" instead."""
-        _check_size(config, [item.text for item in body.items])
+        check_size(config, [item.text for item in body.items])
         items = [(item.adapter, item.text) for item in body.items]
         results, n_errors = await _answer(state, request, items, mixed=True)
         out = []
@@ -630,9 +630,9 @@ def create_app(
                         state.pool.remove(name)
                 except Exception:
                     logger.exception("could not restore adapter %r", name)
-                raise HTTPException(422, _describe_error(e))
+                raise HTTPException(422, describe_error(e))
         status = 200 if previous is not None else 201
-        return JSONResponse(_public(state.pool.describe(name)), status_code=status)
+        return JSONResponse(public_info(state.pool.describe(name)), status_code=status)
 
     @app.delete("/adapters/{name}", status_code=204)
     def delete_adapter(name: str, request: Request):
@@ -657,7 +657,7 @@ def create_app(
     return app
 
 
-def _public(info: dict) -> dict:
+def public_info(info: dict) -> dict:
     """An adapter's description without its location on the server's disk."""
     return {k: v for k, v in info.items() if k not in ("location", "path")}
 
@@ -671,7 +671,7 @@ def _describe(state: _State, name: str) -> dict:
         raise HTTPException(422, str(e))
 
 
-def _check_size(config: ServeConfig, texts: Sequence[str]) -> None:
+def check_size(config: ServeConfig, texts: Sequence[str]) -> None:
     if len(texts) > config.max_items:
         raise HTTPException(
             413, f"{len(texts)} texts in one request; this server takes at most {config.max_items} "
@@ -708,14 +708,14 @@ async def _answer(
             raise HTTPException(404, str(found))
         if isinstance(found, InvalidAdapterName):
             raise HTTPException(422, str(found))
-    failed = {name: _describe_error(e) for name, e in resolved.items() if isinstance(e, Exception)}
+    failed = {name: describe_error(e) for name, e in resolved.items() if isinstance(e, Exception)}
     if failed and not mixed:
         name, message = next(iter(failed.items()))
         raise HTTPException(500, message)
     results: List[Union[Dict[str, Any], str, None]] = [failed.get(name) for name, _ in items]
     todo = [i for i, (name, _) in enumerate(items) if name not in failed]
     if todo:
-        job = _Job([(items[i][0], resolved[items[i][0]], items[i][1]) for i in todo], loop)  # type: ignore[misc]
+        job = Job([(items[i][0], resolved[items[i][0]], items[i][1]) for i in todo], loop)  # type: ignore[misc]
         try:
             state.batcher.submit(job)
         except QueueFull:
@@ -736,7 +736,7 @@ async def _answer(
     return results, n_errors  # type: ignore[return-value]
 
 
-async def _wait(state: _State, request: Request, job: _Job, deadline: float) -> list:
+async def _wait(state: _State, request: Request, job: Job, deadline: float) -> list:
     """The job's results; 504 past the deadline; gives up (and drops the job
     if it has not started) when the client disconnects."""
     loop = asyncio.get_running_loop()

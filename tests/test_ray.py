@@ -2,7 +2,6 @@
 routing, a replica killed mid-run) and Ray Data batch annotation, on a local
 Ray instance started here (2 CPUs), against in-process predictions."""
 import json
-import os
 import socket
 import subprocess
 import sys
