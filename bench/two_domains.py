@@ -35,7 +35,8 @@ def score_alone(path: str, dev_file: str, limit: int) -> dict:
     refs = common.read_conll(Path(dev_file), nlp.vocab, limit=limit)
     egs, secs = common.predict(nlp, refs)
     backbone = get_adapter(nlp.get_pipe(nlp.pipe_names[0]).model).backbone
-    return {"f1": common.score("ner", egs)["score"], "per_type": common.score("ner", egs)["per_type"],
+    scores = common.score("ner", egs)
+    return {"f1": scores["score"], "per_type": scores["per_type"],
             "seconds": secs, "rss_mb": common.rss_mb(), "dtype": backbone.dtype}
 
 
