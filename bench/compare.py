@@ -395,8 +395,9 @@ def main() -> int:
     ap.add_argument("--train-sents", type=int, default=0, help="first N training sentences (0 = all)")
     ap.add_argument("--dev-sents", type=int, default=1000, help="fixed random subset of dev sentences (0 = all)")
     ap.add_argument("--eval-batch-size", type=int, default=64)
-    ap.add_argument("--num-virtual-tokens", type=int, help="default: 16 for ner, 20 for textcat")
-    ap.add_argument("--lr", type=float, default=1e-2, help="peak lr of ours (b-d)")
+    ap.add_argument("--num-virtual-tokens", type=int,
+                    help="prompt length of ours and HF PEFT (default: the config's num_virtual_tokens)")
+    ap.add_argument("--lr", type=float, help="peak lr of ours (b-d) (default: the config's initial_rate)")
     ap.add_argument("--st-lr", type=float, default=5e-5, help="peak lr of the transformer in (a)")
     ap.add_argument("--st-head-lr", type=float, default=1e-3, help="peak lr of (a)'s head (0 = --st-lr)")
     ap.add_argument("--peft-lr", type=float, default=1e-2, help="peak lr of (e)")
@@ -416,7 +417,9 @@ def main() -> int:
     task = TASKS[args.task]
     args.systems = args.systems or list(SYSTEMS)
     args.config = args.config or task.config
-    args.num_virtual_tokens = args.num_virtual_tokens or task.virtual_tokens
+    shipped_n, shipped_lr = common.config_defaults(args.task, args.config)
+    args.num_virtual_tokens = args.num_virtual_tokens or shipped_n
+    args.lr = args.lr or shipped_lr
     if args.wait_quiet:
         common.wait_quiet(args.wait_quiet)
     t_all, log = time.perf_counter(), common.logger()

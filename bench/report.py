@@ -341,8 +341,8 @@ def main() -> int:
         lines += [f"## {TASKS[task].title}", ""]
         title = title_of(task_runs[0])
         if len(task_runs) > 1:
-            title = title.split(",")[0] + ": " + "; ".join(
-                f"{r['args']['budget_seconds']:g}s budget, dev {_dev_sents(r)} sentences" for r in task_runs)
+            parts = (f"{r['args']['budget_seconds']:g}s budget, dev {_dev_sents(r)} sentences" for r in task_runs)
+            title = f"{TASKS[task].title}: " + "; ".join(dict.fromkeys(parts))  # each setting once, in order
         for png, err in ((f"{stem}_curve.png", plot(task_runs, args.out.parent / f"{stem}_curve.png", title)),
                          (f"{stem}_ratios.png", plot_ratios(task_runs, args.out.parent / f"{stem}_ratios.png", task))):
             lines += [f"![{png}]({png})" if not err else f"(no {png}: {err})", ""]

@@ -46,7 +46,7 @@ maxout_pieces = 2
 use_upper = false
 nO = null
 """
-    + PTUNING_TOK2VEC.format(num_virtual_tokens=16)
+    + PTUNING_TOK2VEC.format(num_virtual_tokens=64)
 )["model"]
 
 _TEXTCAT_MODEL = """

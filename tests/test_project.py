@@ -106,6 +106,24 @@ def test_system_variants_parse_and_refuse_what_does_not_apply():
             common.parse_system(bad)
 
 
+def test_benchmark_rows_without_settings_are_the_configs_defaults(tmp_path):
+    # A row without settings must be what a user of the config trains: its
+    # prompt length and peak rate come from the config, not from the bench.
+    text = (REPO / "configs" / "ner.cfg").read_text()
+    assert "num_virtual_tokens = " in text and "initial_rate = " in text
+    lines = [("num_virtual_tokens = 7" if line.startswith("num_virtual_tokens = ") else
+              "initial_rate = 0.003" if line.startswith("initial_rate = ") else line) for line in text.splitlines()]
+    odd = tmp_path / "odd.cfg"
+    odd.write_text("\n".join(lines))
+    assert common.config_defaults("bc5cdr", odd) == (7, 0.003)
+    from spacy.util import load_config
+
+    shipped = load_config(REPO / "configs" / "textcat.cfg", interpolate=True)
+    assert common.config_defaults("textcat") == (
+        shipped["components"]["textcat"]["model"]["tok2vec"]["num_virtual_tokens"],
+        shipped["training"]["optimizer"]["learn_rate"]["initial_rate"])
+
+
 def test_entity_f1_and_accuracy_are_spacys():
     import spacy
     from spacy.training import Example
