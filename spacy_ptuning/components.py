@@ -27,13 +27,17 @@ grad_factor = 1.0
 dtype = "auto"
 
 [model.tok2vec.get_spans]
-@span_getters = "spacy-transformers.strided_spans.v1"
-window = 128
-stride = 96
+{get_spans}
 
 [model.tok2vec.pooling]
 @layers = "reduce_mean.v1"
 """
+# NER reads 128-wordpiece windows (stride 96) as configs/ner.cfg does; a
+# classifier reads each doc whole (split only past the backbone's limit), as
+# configs/textcat.cfg does. Each factory builds what its config trains
+# (tests/test_config_training.py checks this).
+STRIDED_SPANS = '@span_getters = "spacy-transformers.strided_spans.v1"\nwindow = 128\nstride = 96'
+DOC_SPANS = '@span_getters = "spacy-transformers.doc_spans.v1"'
 
 DEFAULT_NER_MODEL = Config().from_str(
     """
@@ -46,7 +50,7 @@ maxout_pieces = 2
 use_upper = false
 nO = null
 """
-    + PTUNING_TOK2VEC.format(num_virtual_tokens=64)
+    + PTUNING_TOK2VEC.format(num_virtual_tokens=64, get_spans=STRIDED_SPANS)
 )["model"]
 
 _TEXTCAT_MODEL = """
@@ -60,10 +64,10 @@ use_reduce_mean = true
 nO = null
 """
 DEFAULT_TEXTCAT_MODEL = Config().from_str(
-    _TEXTCAT_MODEL.format(exclusive="true") + PTUNING_TOK2VEC.format(num_virtual_tokens=16)
+    _TEXTCAT_MODEL.format(exclusive="true") + PTUNING_TOK2VEC.format(num_virtual_tokens=20, get_spans=DOC_SPANS)
 )["model"]
 DEFAULT_MULTILABEL_MODEL = Config().from_str(
-    _TEXTCAT_MODEL.format(exclusive="false") + PTUNING_TOK2VEC.format(num_virtual_tokens=16)
+    _TEXTCAT_MODEL.format(exclusive="false") + PTUNING_TOK2VEC.format(num_virtual_tokens=20, get_spans=DOC_SPANS)
 )["model"]
 
 

@@ -26,7 +26,7 @@ import srsly
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from thinc.api import Model, PyTorchShim
+from thinc.api import Model, PyTorchShim, torch2xp, xp2torch
 
 from .adapter import Adapter
 from .backbone import Backbone
@@ -48,9 +48,26 @@ class AdapterShim(PyTorchShim):
     unpickles."""
 
     def finish_update(self, optimizer) -> None:
-        # thinc writes the updated values through array views, which torch's
-        # version counters do not see: drop the adapter's inference cache.
-        super().finish_update(optimizer)
+        """thinc's optimizer step, keeping each parameter one tensor.
+
+        PyTorchShim.finish_update rebinds ``param.data`` to a tensor made from
+        the optimizer's result, a numpy view of the previous ``param.data``:
+        each step adds a link (tensor -> array -> tensor) per parameter that
+        is never freed, and training's memory grew by megabytes a step with
+        ``prefix_projection``. Here the result is written into the parameter
+        in place (nothing to write when the optimizer updated the view).
+        thinc writes through array views, which torch's version counters do
+        not see, so the adapter's inference cache is dropped."""
+        for name, param in self._model.named_parameters():
+            if param.grad is None:
+                continue
+            if not self._grad_scaler.found_inf:  # skip a step whose gradient overflowed
+                weights, _ = optimizer((self.id, name), torch2xp(param.data), torch2xp(param.grad))
+                updated = xp2torch(weights, device=param.device)
+                if updated.data_ptr() != param.data.data_ptr():
+                    param.data.copy_(updated)
+            param.grad.zero_()
+        self._grad_scaler.update()
         self._model.invalidate_prompt_cache()
 
     def to_bytes(self) -> bytes:

@@ -207,3 +207,46 @@ def test_inference_reuses_prompts_until_an_update_changes_them(tiny_bert, method
     for a, b, c in zip(first, after, fresh):
         assert numpy.array_equal(b, c)  # not stale
         assert not numpy.allclose(a, b)  # the update did change the vectors
+
+
+def test_optimizer_step_is_thincs_and_keeps_each_parameter_one_tensor(tiny_bert):
+    """Our finish_update gives exactly thinc's PyTorchShim step, without the
+    chain thinc's builds (one new tensor per parameter per step, each holding
+    the previous one: memory grew every step with prefix_projection)."""
+    import gc
+    import types
+
+    from thinc.api import Adam, PyTorchShim
+
+    from spacy_ptuning.serialization import AdapterShim
+
+    def build(thincs_step):
+        fix_random_seed(0)
+        nlp = spacy.blank("en")
+        tok2vec = dict(_tok2vec_cfg(tiny_bert, "prefix"), prefix_projection=8)
+        ner = nlp.add_pipe("ptuning_ner", config={"model": {"tok2vec": tok2vec}})
+        examples = _ner_examples(nlp, 8, seed=0)
+        nlp.initialize(lambda: examples)
+        (shim,) = [s for node in ner.model.walk() for s in node.shims if isinstance(s, AdapterShim)]
+        if thincs_step:
+            shim.finish_update = types.MethodType(PyTorchShim.finish_update, shim)
+        return nlp, examples, get_adapter(ner.model)
+
+    def tensors_sharing(module):
+        gc.collect()
+        ptrs = {p.data_ptr() for p in module.parameters()}
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.data_ptr() in ptrs)
+
+    ours, examples, module = build(thincs_step=False)
+    theirs, _, reference = build(thincs_step=True)
+    assert len(list(module.parameters())) == 5  # embedding, two weights, two biases
+    opt_ours, opt_theirs = Adam(0.03), Adam(0.03)
+    counts = []
+    for step in range(4):
+        ours.update(examples, sgd=opt_ours, drop=0.0)
+        theirs.update(examples, sgd=opt_theirs, drop=0.0)
+        counts.append(tensors_sharing(module))
+    for (name, a), b in zip(module.named_parameters(), reference.parameters()):
+        assert torch.equal(a, b), name
+    assert len(set(counts)) == 1, counts
+    assert tensors_sharing(reference) >= counts[-1] + 5  # thinc's own step does chain
