@@ -242,11 +242,13 @@ def test_optimizer_step_is_thincs_and_keeps_each_parameter_one_tensor(tiny_bert)
     assert len(list(module.parameters())) == 5  # embedding, two weights, two biases
     opt_ours, opt_theirs = Adam(0.03), Adam(0.03)
     counts = []
-    for step in range(4):
+    for _ in range(4):
         ours.update(examples, sgd=opt_ours, drop=0.0)
         theirs.update(examples, sgd=opt_theirs, drop=0.0)
         counts.append(tensors_sharing(module))
     for (name, a), b in zip(module.named_parameters(), reference.parameters()):
         assert torch.equal(a, b), name
     assert len(set(counts)) == 1, counts
-    assert tensors_sharing(reference) >= counts[-1] + 5  # thinc's own step does chain
+    # thinc's own step does chain (the count above could catch it); when a
+    # thinc release stops chaining, this fails and our override can go.
+    assert tensors_sharing(reference) >= counts[-1] + 5
