@@ -66,27 +66,17 @@ def test_spacy_train(tiny_bert, tmp_path, capsys, config, components, cli):
         assert set(doc.cats) == {"POS", "NEG"}
 
 
-def _flat(cfg: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in cfg.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 @pytest.mark.parametrize("config", ["ner.cfg", "textcat.cfg", "multitask.cfg"])
 def test_factory_defaults_are_the_shipped_configs(config):
     """`nlp.add_pipe("ptuning_ner")` builds what the shipped config trains:
     every setting the factory's default model names (prompt length, method,
     backbone, head, span getter) has the config's value."""
     from spacy.language import Language
-    from spacy.util import load_config
+    from spacy.util import dict_to_dot, load_config
 
     shipped = load_config(CONFIGS / config)
     for name, block in shipped["components"].items():
-        default = _flat(Language.get_factory_meta(block["factory"]).default_config["model"])
-        trained = _flat(block["model"])
+        default = dict_to_dot(Language.get_factory_meta(block["factory"]).default_config["model"])
+        trained = dict_to_dot(block["model"])
         differ = {k: (v, trained.get(k, "<absent>")) for k, v in default.items() if trained.get(k, "<absent>") != v}
         assert not differ, f"{config} [components.{name}] vs factory default (default, config): {differ}"
