@@ -116,8 +116,8 @@ class Errors(metaclass=ErrorsWithCodes):
     E022 = (
         "thinc is set to run on the GPU (spacy train --gpu-id, spacy.require_gpu "
         "or prefer_gpu), but {reason}, so the backbone cannot go to the GPU. "
-        "Install a CUDA build of torch and a matching CuPy (as in the README's GPU "
-        "section: pip install torch --index-url https://download.pytorch.org/whl/cu121, "
+        "Install a CUDA build of torch and a matching CuPy (as in docs/gpu.md: "
+        "pip install torch --index-url https://download.pytorch.org/whl/cu121, "
         "picking your CUDA version, and pip install cupy-cuda12x), or run on the "
         "CPU (leave out --gpu-id, or --gpu-id -1)."
     )
@@ -131,13 +131,17 @@ class Errors(metaclass=ErrorsWithCodes):
         "Adapter '{name}': '{location}' is neither a saved pipeline folder (it "
         "has no config.cfg) nor an installed spaCy package."
     )
-    E033 = "Unknown adapter '{name}'. Known adapters: {known}."
+    E033 = (
+        "Unknown adapter '{name}'. List the adapters with GET /adapters (the "
+        "server) or AdapterPool.names(); a name is a subfolder of the adapters "
+        "folder, or one added with PUT /adapters/NAME."
+    )
     E034 = "Adapter '{name}' could not be loaded: {error}"
     E035 = (
-        "Invalid adapter name {name!r}: use 1-128 letters, digits, '_', '-' "
+        "Invalid adapter name {name}: use 1-128 letters, digits, '_', '-' "
         "or '.', starting with a letter or digit (names never become paths)."
     )
-    # Scale-out on Ray (E036-E049): spacy_ptuning.ray_serve, spacy_ptuning.ray_data.
+    # Scale-out on Ray (E036-E043): spacy_ptuning.ray_serve, spacy_ptuning.ray_data.
     E036 = (
         "{what} needs Ray ({error}). Install the 'ray' extra: "
         "pip install \"spacy-ptuning[ray]\" (Ray Serve and Ray Data)."
@@ -168,4 +172,15 @@ class Errors(metaclass=ErrorsWithCodes):
         "Adapter '{name}': the replica processing the request was lost ({error}) and "
         "{tries} tries failed; nothing was answered for these texts. Ray restarts "
         "lost replicas: retry the request."
+    )
+    # Adapter pool and server, continued.
+    E044 = (
+        "PUT /adapters/NAME takes only folders inside the server's admin root "
+        "(--admin-root; by default the adapters folder); '{path}' is outside it. "
+        "Copy the pipeline folder under the admin root and give its path."
+    )
+    E045 = (
+        "'{path}' is not a saved pipeline folder (no config.cfg inside the admin "
+        "root). Give a folder written by nlp.to_disk; installed packages are not "
+        "taken over HTTP."
     )

@@ -123,6 +123,42 @@ def pipe_mixed(
     return docs
 
 
+def run_items(
+    items: Sequence[Tuple[Language, str]],
+    *,
+    batching: str = "mixed",
+    max_batch_tokens: int = 4096,
+    stats: Optional[MixedStats] = None,
+) -> List[Doc]:
+    """``[nlp(text) for nlp, text in items]`` as a server runs it: with
+    :func:`pipe_mixed` (``batching="mixed"``) or each pipeline's own
+    ``nlp.pipe`` (``"per_adapter"``).
+
+    An empty text runs alone (``nlp("")``), so that its answer does not
+    depend on what else is in the batch: a text classifier pools nothing
+    for it, and pooled in a batch with other texts it would answer the
+    head's bias instead of the all-zero scores it gets alone.
+    """
+    docs: List[Optional[Doc]] = [None] * len(items)
+    rest = []
+    for i, (nlp, text) in enumerate(items):
+        if text == "":
+            docs[i] = nlp(text)
+        else:
+            rest.append(i)
+    if batching == "mixed":
+        for i, doc in zip(rest, pipe_mixed([items[i] for i in rest], max_batch_tokens=max_batch_tokens, stats=stats)):
+            docs[i] = doc
+    else:
+        groups: Dict[int, Tuple[Language, List[int]]] = {}
+        for i in rest:
+            groups.setdefault(id(items[i][0]), (items[i][0], []))[1].append(i)
+        for nlp, indices in groups.values():
+            for i, doc in zip(indices, nlp.pipe([items[i][1] for i in indices])):
+                docs[i] = doc
+    return docs  # type: ignore[return-value]
+
+
 def _run_pipes(nlp: Language, docs: List[Doc], start: int, end: int) -> None:
     """nlp's components start..end on docs, in place, as nlp.pipe would."""
     for _, proc in nlp.pipeline[start:end]:

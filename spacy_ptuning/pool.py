@@ -24,7 +24,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import spacy
 from spacy.language import Language
@@ -62,8 +62,25 @@ class _Entry:
         self.lock = threading.Lock()  # one load at a time per adapter
         self.nlp: Optional[Language] = None
         self.signature: Optional[tuple] = None
-        self.checked = 0.0
+        self.checked = float("-inf")  # when the folder was last compared with `signature`
         self.error: Optional[str] = None
+        self.loading = False
+        self.version = 0  # successful loads and reloads of this name
+        # Negative cache: the folder version that failed to load, and when
+        # the same version may be tried again (doubling backoff).
+        self.failed_signature: Optional[tuple] = None
+        self.retry_at = 0.0
+        self.backoff = 0.0
+
+    @property
+    def state(self) -> str:
+        """READY (a version serves), LOADING (a first load runs), FAILED (the
+        last load failed and no version serves) or UNLOADED."""
+        if self.nlp is not None:
+            return "READY"
+        if self.loading:
+            return "LOADING"
+        return "FAILED" if self.error is not None else "UNLOADED"
 
 
 class AdapterPool:
@@ -74,7 +91,18 @@ class AdapterPool:
         or a mapping name -> folder or installed package name.
     max_loaded: most pipelines kept loaded (least recently used dropped).
     check_interval: seconds between checks of a folder for changes (0: on
-        every use; None: never reload).
+        every use; None: never reload). A changed folder is reloaded; a
+        deleted one makes the name unknown.
+    retry_after_failure: an adapter that failed to load is not loaded again
+        until its folder changes, or until this many seconds have passed
+        (doubling after each failure of the same version, up to
+        ``max_retry_after_failure``): a broken adapter costs one load, not
+        one per request. Until then :meth:`get` raises the same
+        :class:`AdapterLoadFailed` at once.
+    dtype: load every spacy-ptuning component's backbone in this dtype
+        (e.g. "float32", for results that do not depend on the batch's
+        padding), whatever the saved config says; None: as saved.
+    clock: the time source (tests pass a fake one).
     """
 
     def __init__(
@@ -83,11 +111,19 @@ class AdapterPool:
         *,
         max_loaded: int = 8,
         check_interval: Optional[float] = 1.0,
+        retry_after_failure: float = 5.0,
+        max_retry_after_failure: float = 300.0,
+        dtype: Optional[str] = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         if max_loaded < 1:
             raise ValueError(Errors.E030.format(value=max_loaded))
         self.max_loaded = max_loaded
         self.check_interval = check_interval
+        self.retry_after_failure = retry_after_failure
+        self.max_retry_after_failure = max(max_retry_after_failure, retry_after_failure)
+        self.dtype = dtype
+        self._clock = clock
         self._root: Optional[Path] = None
         self._lock = threading.RLock()
         self._entries: Dict[str, _Entry] = {}
@@ -109,6 +145,17 @@ class AdapterPool:
             else:
                 self._root = root
                 self._scan()
+
+    @property
+    def root(self) -> Optional[Path]:
+        """The folder of adapter folders (None for a mapping or one pipeline)."""
+        return self._root
+
+    def states(self) -> Dict[str, Tuple[str, int]]:
+        """Each known adapter's load state and version, without rescanning
+        or loading anything."""
+        with self._lock:
+            return {name: (e.state, e.version) for name, e in self._entries.items()}
 
     # -- names -------------------------------------------------------------
 
@@ -172,8 +219,7 @@ class AdapterPool:
             with self._lock:
                 entry = self._entries.get(name)
         if entry is None:
-            known = ", ".join(sorted(self._entries)) or "none"
-            raise UnknownAdapter(Errors.E033.format(name=name, known=known))
+            raise UnknownAdapter(Errors.E033.format(name=name))
         return entry
 
     def require(self, name: str) -> None:
@@ -187,51 +233,82 @@ class AdapterPool:
 
     def get(self, name: str) -> Language:
         """The pipeline for ``name``: loaded on first use, reloaded when its
-        folder changed, kept among the ``max_loaded`` most recently used."""
+        folder changed (checked every ``check_interval`` seconds), kept among
+        the ``max_loaded`` most recently used. Raises
+        :class:`UnknownAdapter` once its folder is gone and
+        :class:`AdapterLoadFailed` when it cannot be loaded."""
         entry = self._entry(name)
-        now = time.monotonic()
         nlp = entry.nlp
-        if nlp is not None and not self._due(entry, now):
+        due = self._check_due(entry)
+        if nlp is not None and not due:
             self._touch(name, nlp)
             return nlp
+        if nlp is None and entry.error is not None and not due and self._clock() < entry.retry_at:
+            raise AdapterLoadFailed(Errors.E034.format(name=entry.name, error=entry.error))
         with entry.lock:
             nlp = entry.nlp
-            if nlp is None or self._due(entry, now):
-                nlp = self._load(entry, now)
+            if nlp is None or self._check_due(entry):
+                nlp = self._load(entry)
         self._touch(name, nlp)
         return nlp
 
-    def _due(self, entry: _Entry, now: float) -> bool:
-        if entry.nlp is None:
-            return True
-        if self.check_interval is None or now - entry.checked < self.check_interval:
+    def _check_due(self, entry: _Entry) -> bool:
+        """Whether the folder should be compared with the loaded version now
+        (pure: the comparison itself, in ``_load``, records the check)."""
+        if self.check_interval is None:
             return False
-        entry.checked = now
-        return _signature(entry.location) != entry.signature
+        return self._clock() - entry.checked >= self.check_interval
 
-    def _load(self, entry: _Entry, now: float) -> Language:
+    def _load(self, entry: _Entry) -> Language:
+        now = self._clock()
         signature = _signature(entry.location)
+        entry.checked = now
+        if signature is None and not spacy.util.is_package(entry.location):
+            self._forget(entry)  # the folder was deleted: the name is gone
+            raise UnknownAdapter(Errors.E033.format(name=entry.name))
         if entry.nlp is not None and signature == entry.signature:
             return entry.nlp
+        if entry.error is not None and signature == entry.failed_signature and now < entry.retry_at:
+            if entry.nlp is not None:  # a failed reload: the old version keeps serving
+                return entry.nlp
+            raise AdapterLoadFailed(Errors.E034.format(name=entry.name, error=entry.error))
         start = time.perf_counter()
+        entry.loading = True
         try:
             nlp = self._spacy_load(entry.location)
         except Exception as e:
+            entry.backoff = (
+                min(entry.backoff * 2, self.max_retry_after_failure)
+                if signature == entry.failed_signature and entry.backoff
+                else self.retry_after_failure
+            )
             entry.error = f"{type(e).__name__}: {e}"
-            entry.checked = now
+            entry.failed_signature, entry.retry_at = signature, now + entry.backoff
             with self._lock:
                 self.stats["load_failures"] += 1
             if entry.nlp is not None:  # a failed reload: the old version keeps serving
                 return entry.nlp
             raise AdapterLoadFailed(Errors.E034.format(name=entry.name, error=entry.error)) from e
+        finally:
+            entry.loading = False
         with self._lock:
             self.stats["load_seconds"] += time.perf_counter() - start
             self.stats["reloads" if entry.nlp is not None else "loads"] += 1
             for _, pipe in nlp.pipeline:
                 for _, _, adapter in find_adapter_layers(pipe):
                     self._backbones[id(adapter.backbone)] = adapter.backbone
-        entry.nlp, entry.signature, entry.checked, entry.error = nlp, signature, now, None
+        entry.nlp, entry.signature, entry.error = nlp, signature, None
+        entry.failed_signature, entry.backoff = None, 0.0
+        entry.version += 1
         return nlp
+
+    def _forget(self, entry: _Entry) -> None:
+        with self._lock:
+            if self._entries.get(entry.name) is entry:
+                del self._entries[entry.name]
+            self._loaded.pop(entry.name, None)
+            self._added.pop(entry.name, None)
+        entry.nlp = None
 
     def _spacy_load(self, location: str) -> Language:
         """``spacy.load``, but pipelines whose language, tokenizer and vocab
@@ -249,13 +326,14 @@ class AdapterPool:
         key = _tokenizer_key(path) if path is not None else None
         with self._lock:
             shared = self._tokenizers.get(key) if key is not None else None
+        overrides = self._overrides(path) if path is not None else {}
         if shared is None:
-            nlp = spacy.load(location)
+            nlp = spacy.load(location, config=overrides)
             if key is not None and nlp.vocab.vectors.shape[0] == 0:
                 with self._lock:
                     self._tokenizers.setdefault(key, nlp.tokenizer)
             return nlp
-        config = spacy.util.load_config(path / "config.cfg")
+        config = spacy.util.load_config(path / "config.cfg", overrides=overrides)
         own_tokenizer = config["nlp"]["tokenizer"]
         _SHARED_TOKENIZERS[f"{id(self)}:{key}"] = shared
         config["nlp"]["tokenizer"] = {"@tokenizers": "spacy_ptuning.pooled_tokenizer.v1", "key": f"{id(self)}:{key}"}
@@ -263,6 +341,18 @@ class AdapterPool:
         nlp.from_disk(path, exclude=["tokenizer"])
         nlp._config["nlp"]["tokenizer"] = own_tokenizer  # nlp.config / to_disk as saved
         return nlp
+
+    def _overrides(self, path: Path) -> Dict[str, str]:
+        """Config overrides for a pipeline folder: the pool's dtype for each
+        spacy-ptuning component."""
+        if self.dtype is None:
+            return {}
+        config = spacy.util.load_config(path / "config.cfg", interpolate=False)
+        out = {}
+        for name, block in config.get("components", {}).items():
+            if block.get("factory") in TASKS and "tok2vec" in block.get("model", {}):
+                out[f"components.{name}.model.tok2vec.dtype"] = self.dtype
+        return out
 
     def _touch(self, name: str, nlp: Language) -> None:
         with self._lock:
@@ -293,6 +383,8 @@ class AdapterPool:
         info = {
             "name": name,
             "loaded": nlp is not None,
+            "state": entry.state,
+            "version": entry.version,
             "location": entry.location,
             "error": entry.error,
         }
@@ -386,7 +478,8 @@ def _tokenizer_key(path: Path) -> Optional[str]:
 
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not NAME.match(name) or ".." in name:
-        raise InvalidAdapterName(Errors.E035.format(name=name))
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:60] + f"... ({len(name)} characters)"
+        raise InvalidAdapterName(Errors.E035.format(name=shown))
 
 
 def _plain_name(name: str) -> str:

@@ -47,13 +47,13 @@ Run it::
 
     serve run spacy_ptuning.ray_serve:build_app adapters_dir=/models/adapters num_replicas=2
 
-or from a config file (``serve deploy config.yaml``); see the README section
-"Scaling out on Ray".
+or from a config file (``serve deploy config.yaml``); see docs/ray.md.
 """
 import asyncio
 import concurrent.futures
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
@@ -70,7 +70,9 @@ except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(Errors.E036.format(what="spacy_ptuning.ray_serve", error=e)) from e
 
 from .pool import AdapterPool, InvalidAdapterName, UnknownAdapter
-from .server import Batcher, ItemsIn, QueueFull, ServeConfig, ShuttingDown, TextsIn, check_size, describe_error, Job, public_info
+from .api import ItemsIn, TextsIn, pipeline_batcher, public_message as describe_error
+from .batcher import Job, QueueFull, ShuttingDown
+from .server import ServeConfig, check_size, install_error_handlers, public_info
 
 logger = logging.getLogger("spacy_ptuning.ray_serve")
 
@@ -125,7 +127,7 @@ class PTuningDeployment:
             spacy.require_gpu(0)
         self.config = ServeConfig(**dict(config or {}))
         self.pool = AdapterPool(adapters_dir, max_loaded=max_models + 1, check_interval=check_interval)
-        self.batcher = Batcher(self.config)
+        self.batcher = pipeline_batcher(self.config)
         self.batcher.start()
         # Loads on two threads of their own (as server.py: fewer malloc arenas).
         self.loader = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="spacy-ptuning-loader")
@@ -169,11 +171,11 @@ class PTuningDeployment:
         except Exception as e:  # AdapterLoadFailed: this adapter only
             return {**out, "status": 500, "detail": describe_error(e)}
         loop = asyncio.get_running_loop()
-        job = Job([(name, nlp, t) for t in texts], loop)
+        job = Job([(name, nlp, t) for t in texts], loop, deadline=time.monotonic() + self.config.timeout_s)
         try:
             self.batcher.submit(job)
-        except (QueueFull, ShuttingDown):
-            return {**out, "status": 503, "detail": f"Replica {self.replica} is busy: {self.batcher.pending} texts are waiting (max_queue {self.config.max_queue}). Retry later."}
+        except (QueueFull, ShuttingDown) as e:
+            return {**out, "status": 503, "detail": f"Replica {self.replica}: {e}"}
         try:
             results = await asyncio.wait_for(asyncio.shield(job.future), self.config.timeout_s)
         except asyncio.TimeoutError:
@@ -204,7 +206,9 @@ class PTuningDeployment:
 app = FastAPI(
     title="spacy-ptuning on Ray Serve",
     description="Adapters (continuous prompts) over one shared, frozen transformer, on Ray Serve replicas.",
+    docs_url=None, redoc_url=None, openapi_url=None,
 )
+install_error_handlers(app)
 
 
 @serve.deployment(name="PTuningRouter", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})

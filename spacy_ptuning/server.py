@@ -1,31 +1,37 @@
-"""HTTP server for a folder of adapters: FastAPI app, dynamic batcher, metrics.
+"""HTTP server for a folder of adapters: settings, metrics, the FastAPI app,
+the uvicorn runner.
 
 Start it with ``python -m spacy ptuning serve ADAPTERS_DIR`` (see ``cli.py``),
 or build the app with :func:`create_app` and run it with any ASGI server.
+Every limit, its option and what a client gets past it: docs/serving.md.
 
 How a request is answered:
 
-1. The body is read up to ``max_body_bytes`` (413 beyond), parsed (422 when
-   malformed) and checked against ``max_items`` / ``max_chars`` (413).
-2. Its adapters are resolved through the :class:`~spacy_ptuning.pool.AdapterPool`
-   *before* batching, in a thread (a first use loads the adapter): an unknown
-   name answers 404 naming the known ones; an adapter that cannot be loaded
-   answers its own error (500 with the ``[PT-E0xx]`` message), and in a mixed
-   ``/process`` list only that adapter's items carry the error.
-3. The texts join a bounded queue (``max_queue`` texts accepted and not yet
-   answered; 503 with ``Retry-After`` when full). One worker thread takes the
-   requests that arrived within ``max_wait_ms`` of the first waiting one (or up
-   to ``max_batch_texts``) and runs them off the event loop: with
-   :func:`~spacy_ptuning.mixed_batch.pipe_mixed` (``batching="mixed"``: one
-   backbone pass for the texts of many adapters) or each adapter's own
-   ``nlp.pipe`` (``"per_adapter"``). If a batch fails, its adapters are run
-   again one by one, so a failing adapter fails only its own items.
-4. The handler waits for its result up to ``timeout_s`` (504 beyond) and stops
-   waiting when the client disconnects; the worker skips requests nobody waits
-   for any more, and never waits on a client.
+1. The middleware gives it a request id (``X-Request-ID``: the client's, if
+   it is a plain token, or a new one), refuses a body above
+   ``max_body_bytes`` (413) or one that does not arrive within
+   ``read_timeout_s`` (408), and writes one JSON access-log line at the end.
+   The connection itself must deliver its request line and headers within
+   ``read_timeout_s`` (:class:`_TimedH11Protocol`).
+2. The body is parsed (422 when malformed, never echoing the input) and its
+   texts checked (:func:`~spacy_ptuning.api.check_texts`: counts, characters,
+   valid Unicode naming the bad text).
+3. Its adapters are resolved through the :class:`~spacy_ptuning.pool.AdapterPool`
+   on two loader threads (a first use loads the adapter; a broken one fails
+   from the pool's negative cache without a new load): an unknown name is
+   404, a bad one 422, an adapter that cannot be loaded answers its numbered
+   error (500; in a mixed ``/process`` list only its items). Each text's
+   wordpieces are counted (413 above ``max_text_wordpieces``).
+4. The texts go to the :class:`~spacy_ptuning.batcher.Batcher` (503 with
+   ``Retry-After`` when the queued work would take more than
+   ``max_queue_wait_s``), which runs them round-robin over adapters on one
+   worker thread, and drops the texts of requests whose client left or
+   whose ``timeout_s`` passed (504).
 
-Shutdown (SIGINT/SIGTERM to uvicorn) stops accepting connections, answers the
-requests already accepted, then stops the worker.
+On SIGTERM the server drains: ``/ready`` answers 503 (for a load balancer or
+a Kubernetes pre-stop hook) while the requests accepted, and those still
+arriving during ``drain_s``, are answered; then uvicorn stops. A second
+signal stops at once.
 
 Output follows ``Doc.to_json``: ``{"text", "ents": [{"start", "end",
 "label"}], "cats"}`` with character offsets.
@@ -33,272 +39,153 @@ Output follows ``Doc.to_json``: ``{"text", "ents": [{"start", "end",
 import asyncio
 import concurrent.futures
 import hmac
+import ipaddress
+import json
 import logging
+import re
 import threading
 import time
-from collections import deque
+import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 try:
     from fastapi import FastAPI, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-    from pydantic import BaseModel
     from starlette.concurrency import run_in_threadpool
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
     from starlette.routing import Match
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(
         f"spacy_ptuning.server needs the 'serve' extra ({e}): pip install 'spacy-ptuning[serve]'"
     ) from e
 
 from spacy.language import Language
-from spacy.tokens import Doc
 
-from .mixed_batch import MixedStats, pipe_mixed
-from .pool import AdapterPool, InvalidAdapterName, UnknownAdapter
+from .api import (
+    AdapterPathIn, ItemsIn, RequestError, TextsIn, check_texts, doc_json, pipeline_batcher,
+    public_message, request_error, scrub, wordpiece_costs,
+)
+from .batcher import Batcher, Job, QueueFull, ShuttingDown
+from .errors import Errors
+from .pool import AdapterLoadFailed, AdapterPool, InvalidAdapterName, UnknownAdapter
 
 logger = logging.getLogger("spacy_ptuning.server")
+access_logger = logging.getLogger("spacy_ptuning.access")
 
 BATCHING = ("mixed", "per_adapter")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+def _opt(default, help: str, flag: Optional[str] = None, **kw):
+    """A setting: its default, its help text and its command-line flag, in
+    one place (``cli.py`` and ``docs/serving.md`` are checked against it)."""
+    meta = {"help": help, "flag": flag}
+    if callable(default):
+        return field(default_factory=default, metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
 
 
 @dataclass
 class ServeConfig:
-    """Server settings (the ``serve`` command's options)."""
+    """Server settings (the ``serve`` command's options); every default is
+    written here once."""
 
-    batching: str = "mixed"  # "mixed" (pipe_mixed) or "per_adapter" (nlp.pipe)
-    max_wait_ms: float = 5.0  # gather requests this long after the first one
-    max_batch_texts: int = 64  # most texts per batch (a larger request: a batch of its own)
-    max_batch_tokens: int = 4096  # pipe_mixed's wordpiece budget per backbone pass
-    max_queue: int = 1024  # texts accepted and not yet answered; 503 beyond
-    timeout_s: float = 30.0  # per request; 504 beyond
-    max_items: int = 512  # texts or items per request; 413 beyond
-    max_chars: int = 1_000_000  # characters of text per request; 413 beyond
-    max_body_bytes: int = 2_000_000  # request body; 413 beyond
-    admin_token: Optional[str] = None  # PUT/DELETE /adapters/NAME need it; off without
-    preload: Sequence[str] = field(default_factory=tuple)  # names, or ["all"]
-    retry_after_s: int = 1  # the Retry-After of a 503
+    batching: str = _opt("mixed", "mixed: one backbone pass for the texts of many adapters; per_adapter: each adapter's texts with its own nlp.pipe")
+    max_wait_ms: float = _opt(5.0, "How long the batcher waits for more requests after the first one")
+    max_batch_texts: int = _opt(64, "Most texts in one batch (a larger request is split over several)")
+    max_batch_tokens: int = _opt(4096, "Most wordpieces in one batch and in one backbone pass (a longer text runs alone)")
+    max_queue: int = _opt(1024, "Most texts accepted and not yet answered; 503 with Retry-After beyond")
+    max_queue_wait_s: float = _opt(5.0, "Most seconds of work (queued wordpieces / measured rate) a new request may queue behind; 503 with Retry-After beyond", "--max-queue-wait")
+    timeout_s: float = _opt(30.0, "Seconds a request may wait for its result; 504 beyond (its texts not yet started are dropped)", "--timeout")
+    max_items: int = _opt(512, "Most texts/items in one request; 413 beyond")
+    max_chars: int = _opt(1_000_000, "Most characters of text in one request; 413 beyond")
+    max_text_wordpieces: int = _opt(4096, "Most wordpieces in one text; 413 beyond (split long texts)")
+    max_body_bytes: int = _opt(2_000_000, "Largest request body in bytes; 413 beyond")
+    read_timeout_s: float = _opt(10.0, "Seconds a client has to send its request line, headers and body; the connection is closed (headers) or answered 408 (body) beyond", "--read-timeout")
+    max_connections: int = _opt(512, "Most open connections and requests in flight; 503 beyond (uvicorn's limit_concurrency)")
+    threads: int = _opt(1, "torch intra-op threads of the server process (0: torch's default, one per core); see docs/serving.md for why 1")
+    dtype: Optional[str] = _opt(None, "Load every adapter's backbone in this dtype (float32: results that do not depend on the batch); default: as each adapter was saved")
+    admin_token: Optional[str] = _opt(None, "Bearer token for PUT/DELETE /adapters/NAME (also $SPACY_PTUNING_ADMIN_TOKEN); off without")
+    admin_root: Optional[str] = _opt(None, "The folder under which PUT /adapters/NAME may take pipeline folders (default: the adapters folder)")
+    api_token: Optional[str] = _opt(None, "Bearer token for the inference and listing endpoints (also $SPACY_PTUNING_API_TOKEN); open without. /health, /ready and /metrics stay open")
+    allowed_hosts: Optional[Sequence[str]] = _opt(None, "Host header values accepted, comma-separated (400 otherwise); default: the loopback names when bound to a loopback address, any otherwise")
+    docs: bool = _opt(False, "Serve the OpenAPI schema and pages (/docs, /redoc, /openapi.json)")
+    drain_s: float = _opt(0.0, "On SIGTERM: seconds to keep serving with /ready answering 503 before the listening socket closes (requests in flight are finished either way)", "--drain-seconds")
+    preload: Sequence[str] = _opt(tuple, "Adapters to load at start, comma-separated, or 'all'; /ready answers 200 once they are loaded")
+    retry_after_s: int = _opt(1, "The smallest Retry-After of a 503")
 
     def __post_init__(self) -> None:
         if self.batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {self.batching!r}")
-        for name in ("max_batch_texts", "max_queue", "max_items", "max_chars", "max_body_bytes"):
+        for name in ("max_batch_texts", "max_batch_tokens", "max_queue", "max_items", "max_chars",
+                     "max_body_bytes", "max_text_wordpieces", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
-        if self.timeout_s <= 0 or self.max_wait_ms < 0:
-            raise ValueError("timeout_s must be positive and max_wait_ms at least 0")
+        if self.timeout_s <= 0 or self.max_wait_ms < 0 or self.max_queue_wait_s <= 0 or self.read_timeout_s <= 0:
+            raise ValueError("timeout_s, max_queue_wait_s and read_timeout_s must be positive and max_wait_ms at least 0")
+        if self.threads < 0 or self.drain_s < 0:
+            raise ValueError("threads and drain_s must be at least 0")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
 
 
-# -- output ------------------------------------------------------------------
+def config_fields() -> List[Tuple[str, Any, str, str]]:
+    """(field, default, flag, help) of every setting, for the CLI and docs."""
+    out = []
+    for f in fields(ServeConfig):
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        out.append((f.name, default, flag, f.metadata["help"]))
+    return out
 
 
-def doc_json(doc: Doc) -> Dict[str, Any]:
-    """The parts of ``Doc.to_json`` the components set: text, entities with
-    character offsets, categories."""
-    return {
-        "text": doc.text,
-        "ents": [{"start": e.start_char, "end": e.end_char, "label": e.label_} for e in doc.ents],
-        "cats": {label: float(score) for label, score in doc.cats.items()},
-    }
+# -- compatibility: names other modules imported from here --------------------
 
 
-# -- batcher -----------------------------------------------------------------
+def check_size(config: ServeConfig, texts: Sequence[str]) -> None:
+    """:func:`~spacy_ptuning.api.check_texts` as an HTTPException."""
+    try:
+        check_texts(config, texts)
+    except RequestError as e:
+        raise HTTPException(e.status, e.detail, headers=e.headers or None)
 
 
-class Job:
-    """One request's texts, each with its resolved pipeline; answered through
-    an asyncio future of the request's event loop."""
-
-    __slots__ = ("work", "loop", "future", "cancelled", "enqueued")
-
-    def __init__(self, work: List[Tuple[str, Language, str]], loop: asyncio.AbstractEventLoop):
-        self.work = work  # (adapter name, nlp, text)
-        self.loop = loop
-        self.future: asyncio.Future = loop.create_future()
-        self.cancelled = False  # nobody waits for it any more
-        self.enqueued = time.monotonic()
-
-    def settle(self, results: List[Union[Dict[str, Any], str]]) -> None:
-        def _set() -> None:
-            if not self.future.done():
-                self.future.set_result(results)
-
-        try:
-            self.loop.call_soon_threadsafe(_set)
-        except RuntimeError:  # the loop is closed: nobody to answer
-            pass
+describe_error = public_message
 
 
-class QueueFull(Exception):
-    pass
-
-
-class ShuttingDown(Exception):
-    pass
-
-
-class Batcher:
-    """Gathers requests for ``max_wait_ms`` (or up to ``max_batch_texts``) and
-    runs them in one worker thread; at most ``max_queue`` texts accepted and
-    not yet answered."""
-
-    def __init__(self, config: ServeConfig, metrics: Optional["_Metrics"] = None):
-        self.config = config
-        self.metrics = metrics
-        self._cond = threading.Condition()
-        self._jobs: "deque[Job]" = deque()
-        self._waiting = 0  # texts in _jobs
-        self._pending = 0  # texts accepted, not yet answered (waiting or running)
-        self._closing = False
-        self._thread: Optional[threading.Thread] = None
-
-    @property
-    def pending(self) -> int:
-        return self._pending
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="spacy-ptuning-batcher", daemon=True)
-            self._thread.start()
-
-    def submit(self, job: Job) -> None:
-        """Queue a job; raises QueueFull or ShuttingDown instead."""
-        n = len(job.work)
-        with self._cond:
-            if self._closing:
-                raise ShuttingDown()
-            # A request larger than the whole queue is accepted when the queue
-            # is empty (it is within max_items), never on top of others.
-            if self._pending and self._pending + n > self.config.max_queue:
-                raise QueueFull()
-            self._jobs.append(job)
-            self._waiting += n
-            self._pending += n
-            self._cond.notify_all()
-
-    def close(self, timeout: Optional[float] = None) -> None:
-        """Finish the jobs already accepted, then stop the worker."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        max_wait = self.config.max_wait_ms / 1000.0
-        max_texts = self.config.max_batch_texts
-        while True:
-            with self._cond:
-                while not self._jobs and not self._closing:
-                    self._cond.wait()
-                if not self._jobs:  # closing, nothing left
-                    return
-                deadline = self._jobs[0].enqueued + max_wait
-                while not self._closing and self._waiting < max_texts:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                batch: List[Job] = []
-                n = 0
-                while self._jobs and (not batch or n + len(self._jobs[0].work) <= max_texts):
-                    job = self._jobs.popleft()
-                    self._waiting -= len(job.work)
-                    if job.cancelled:  # timed out or disconnected while waiting
-                        self._pending -= len(job.work)
-                        if self.metrics:
-                            self.metrics.skipped.inc()
-                        continue
-                    batch.append(job)
-                    n += len(job.work)
-            if not batch:
-                continue
-            try:
-                self._process(batch)
-            except Exception:  # never let the worker die
-                logger.exception("batch failed")
-                for job in batch:
-                    job.settle(["internal error while processing the batch"] * len(job.work))
-            finally:
-                with self._cond:
-                    self._pending -= n
-                    self._cond.notify_all()
-
-    def _process(self, batch: List[Job]) -> None:
-        items = [(nlp, text) for job in batch for (_, nlp, text) in job.work]
-        start = time.perf_counter()
-        stats = MixedStats()
-        try:
-            outputs: List[Union[Doc, Exception]] = list(self._run_items(items, stats))
-        except Exception:
-            logger.exception("a batch of %d texts failed; running its adapters one by one", len(items))
-            outputs = self._run_isolated(items, stats)
-        results: List[Union[Dict[str, Any], str]] = [
-            doc_json(out) if isinstance(out, Doc) else describe_error(out) for out in outputs
-        ]
-        if self.metrics:
-            self.metrics.observe_batch(batch, stats, time.perf_counter() - start)
-        k = 0
-        for job in batch:
-            job.settle(results[k : k + len(job.work)])
-            k += len(job.work)
-
-    def _run_items(self, items: List[Tuple[Language, str]], stats: MixedStats) -> List[Doc]:
-        if self.config.batching == "mixed":
-            return pipe_mixed(items, max_batch_tokens=self.config.max_batch_tokens, stats=stats)
-        # per_adapter: each pipeline's texts through its own nlp.pipe
-        docs: List[Optional[Doc]] = [None] * len(items)
-        for nlp, indices in _group(items).values():
-            for i, doc in zip(indices, nlp.pipe([items[i][1] for i in indices])):
-                docs[i] = doc
-        return docs  # type: ignore[return-value]
-
-    def _run_isolated(self, items: List[Tuple[Language, str]], stats: MixedStats) -> List[Union[Doc, Exception]]:
-        outputs: List[Union[Doc, Exception]] = [RuntimeError("not run")] * len(items)
-        for nlp, indices in _group(items).values():
-            try:
-                docs = self._run_items([items[i] for i in indices], stats)
-            except Exception as e:
-                logger.exception("adapter pipeline failed on %d texts", len(indices))
-                docs = [e] * len(indices)
-            for i, doc in zip(indices, docs):
-                outputs[i] = doc
-        return outputs
-
-
-def _group(items: Sequence[Tuple[Language, str]]) -> Dict[int, Tuple[Language, List[int]]]:
-    groups: Dict[int, Tuple[Language, List[int]]] = {}
-    for i, (nlp, _) in enumerate(items):
-        groups.setdefault(id(nlp), (nlp, []))[1].append(i)
-    return groups
-
-
-def describe_error(e: BaseException) -> str:
-    text = str(e)
-    return text if text.startswith("[PT-") else f"{type(e).__name__}: {text}"
+def public_info(info: dict) -> dict:
+    """An adapter's description without its location on the server's disk."""
+    out = {k: v for k, v in info.items() if k not in ("location", "path")}
+    if out.get("error"):
+        out["error"] = scrub(out["error"])
+    return out
 
 
 # -- metrics -----------------------------------------------------------------
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+MIXED = "_mixed"  # the adapter label of a /process request over several adapters
 
 
 class _PoolCollector:
-    """The pool's counters, read at each scrape."""
+    """The pool's counters and each adapter's load state, read at each scrape."""
 
     def __init__(self, pool: AdapterPool):
         self.pool = pool
 
     def collect(self):
-        stats = dict(getattr(self.pool, "stats", {}) or {})
-        loaded = self.pool.loaded if hasattr(self.pool, "loaded") else stats.get("loaded", 0)
-        n_loaded = len(loaded) if isinstance(loaded, (list, tuple, set, dict)) else int(loaded)
-        yield GaugeMetricFamily("ptuning_adapters_loaded", "Adapters loaded now", value=n_loaded)
+        stats = dict(self.pool.stats)
+        yield GaugeMetricFamily("ptuning_adapters_loaded", "Adapters loaded now", value=len(self.pool.loaded))
         for key, doc in (
             ("loads", "Adapter loads"),
             ("reloads", "Adapter reloads after their folder changed"),
@@ -306,9 +193,19 @@ class _PoolCollector:
             ("load_failures", "Adapter loads that failed"),
         ):
             yield CounterMetricFamily(f"ptuning_adapter_{key}", doc, value=float(stats.get(key, 0)))
+        state = GaugeMetricFamily("ptuning_adapter_state", "1 for each adapter's load state (UNLOADED, LOADING, READY, FAILED)",
+                                  labels=["adapter", "state"])
+        version = GaugeMetricFamily("ptuning_adapter_version", "Successful loads and reloads of each adapter", labels=["adapter"])
+        for name, (st, ver) in self.pool.states().items():
+            state.add_metric([name, st], 1)
+            version.add_metric([name], ver)
+        yield state
+        yield version
 
 
 class _Metrics:
+    """Prometheus metrics; the batcher's observer."""
+
     def __init__(self, pool: AdapterPool, batcher_pending) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -320,7 +217,24 @@ class _Metrics:
             "ptuning_http_request_duration_seconds", "HTTP request latency by endpoint",
             ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r,
         )
-        self.texts = Counter("ptuning_texts", "Texts processed, by adapter", ["adapter"], registry=r)
+        self.adapter_requests = Counter(
+            "ptuning_adapter_requests", "Inference requests by adapter (_mixed: several) and status",
+            ["adapter", "status"], registry=r,
+        )
+        self.adapter_latency = Histogram(
+            "ptuning_adapter_request_seconds", "Inference request latency by adapter",
+            ["adapter"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "ptuning_queue_seconds", "Time a request waited before its first text ran, by adapter",
+            ["adapter"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.compute_seconds = Histogram(
+            "ptuning_compute_seconds", "Time of the batches that ran a request's texts, by adapter",
+            ["adapter"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.texts = Counter("ptuning_texts", "Texts answered with a result, by adapter", ["adapter"], registry=r)
+        self.text_failures = Counter("ptuning_text_failures", "Texts answered with an error, by adapter", ["adapter"], registry=r)
         self.batch_texts = Histogram("ptuning_batch_texts", "Texts per batch of the batcher", buckets=_COUNT_BUCKETS, registry=r)
         self.batch_adapters = Histogram(
             "ptuning_batch_adapters", "Adapters per batch of the batcher", buckets=_COUNT_BUCKETS, registry=r
@@ -341,30 +255,48 @@ class _Metrics:
         self.rejected = Counter("ptuning_rejected", "Requests refused with 503 (queue full or shutting down)", registry=r)
         self.timeouts = Counter("ptuning_timeouts", "Requests answered 504 (not done within the timeout)", registry=r)
         self.disconnects = Counter("ptuning_client_disconnects", "Clients gone before their answer", registry=r)
-        self.skipped = Counter("ptuning_skipped_jobs", "Queued requests dropped unrun (timed out or client gone)", registry=r)
+        self.skipped_jobs = Counter("ptuning_skipped_jobs", "Requests whose texts were dropped unrun (timed out or client gone)", registry=r)
         queue = Gauge("ptuning_queue_texts", "Texts accepted and not yet answered", registry=r)
         queue.set_function(batcher_pending)
         r.register(_PoolCollector(pool))
 
-    def observe_batch(self, batch: List[Job], stats: MixedStats, seconds: float) -> None:
-        names = [name for job in batch for name, _, _ in job.work]
-        self.batch_texts.observe(len(names))
-        self.batch_adapters.observe(len(set(names)))
+    # the batcher's observer
+    def batch(self, texts: List[Tuple[str, Any]], seconds: float, stats) -> None:
+        self.batch_texts.observe(len(texts))
+        self.batch_adapters.observe(len({name for name, _ in texts}))
         self.batch_seconds.observe(seconds)
-        for name in names:
-            self.texts.labels(name).inc()
-        self.passes.inc(stats.passes)
-        self.rows.inc(stats.rows)
-        for n in stats.adapters_per_pass:
-            self.pass_adapters.observe(n)
+        for name, result in texts:
+            (self.text_failures if isinstance(result, str) else self.texts).labels(name).inc()
+        if stats is not None:
+            self.passes.inc(stats.passes)
+            self.rows.inc(stats.rows)
+            for n in stats.adapters_per_pass:
+                self.pass_adapters.observe(n)
+
+    def answered(self, job: Job) -> None:
+        label = _job_label(job)
+        if job.started is not None:
+            self.queue_seconds.labels(label).observe(max(0.0, job.started - job.enqueued))
+        self.compute_seconds.labels(label).observe(job.compute_seconds)
+
+    def skipped(self, job: Job) -> None:
+        self.skipped_jobs.inc()
 
 
-# -- request checks ------------------------------------------------------------
+def _job_label(job: Job) -> str:
+    names = {name for name, _, _ in job.work}
+    return next(iter(names)) if len(names) == 1 else MIXED
+
+
+# -- the middleware ------------------------------------------------------------
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 class _Middleware:
-    """Counts and times every request (by route template, not by path), and
-    refuses bodies above ``max_body_bytes`` before anything parses them."""
+    """Request ids, body limits and read timeout, metrics, access log; and
+    every unexpected error as a JSON 500 that names only the request id (the
+    details go to the log), so the connection stays usable."""
 
     def __init__(self, app, state: "_State"):
         self.app = app
@@ -374,34 +306,54 @@ class _Middleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
-        status = [500]
+        status = [0]
         endpoint = self.state.endpoint(scope)
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
 
-        async def send_status(message):
+        async def send_tagged(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                message = dict(message)
+                message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", request_id.encode())]
             await send(message)
 
+        config = self.state.config
         try:
             if scope["method"] in ("POST", "PUT", "PATCH"):
-                body = await self._read_body(scope, receive)
+                try:
+                    body = await asyncio.wait_for(self._read_body(receive), config.read_timeout_s)
+                except asyncio.TimeoutError:
+                    await _json(scope, receive, send_tagged, 408, f"The request body did not arrive within {config.read_timeout_s:g} s (--read-timeout).", {"connection": "close"})
+                    return
                 if body is None:
-                    limit = self.state.config.max_body_bytes
-                    response = JSONResponse(
-                        {"detail": f"The request body is larger than this server's limit of {limit} bytes "
-                                   "(--max-body-bytes). Send fewer or shorter texts per request."},
-                        status_code=413,
-                    )
-                    await response(scope, receive, send_status)
+                    await _json(scope, receive, send_tagged, 413,
+                                f"The request body is larger than this server's limit of {config.max_body_bytes} bytes "
+                                "(--max-body-bytes). Send fewer or shorter texts per request.")
                     return
                 receive = _replay(body, receive)
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive, send_tagged)
+        except Exception:
+            logger.exception("request %s failed", request_id)
+            if status[0] == 0:
+                await _json(scope, receive, send_tagged, 500, f"Internal error; the server's log has the details under request id {request_id}.")
+            else:
+                raise
         finally:
+            seconds = time.perf_counter() - start
             metrics = self.state.metrics
-            metrics.requests.labels(endpoint, scope["method"], str(status[0])).inc()
-            metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            metrics.requests.labels(endpoint, scope["method"], str(status[0] or 500)).inc()
+            metrics.latency.labels(endpoint).observe(seconds)
+            if access_logger.isEnabledFor(logging.INFO):
+                client = scope.get("client") or ("", 0)
+                access_logger.info(json.dumps({
+                    "time": round(time.time(), 3), "request_id": request_id, "client": client[0],
+                    "method": scope["method"], "path": endpoint, "status": status[0] or 500,
+                    "seconds": round(seconds, 4), **scope["state"].get("access", {}),
+                }))
 
-    async def _read_body(self, scope, receive) -> Optional[bytes]:
+    async def _read_body(self, receive) -> Optional[bytes]:
         """The whole body, or None when it is above the limit."""
         limit = self.state.config.max_body_bytes
         chunks, size = [], 0  # stops reading at the limit, whatever Content-Length says
@@ -419,6 +371,10 @@ class _Middleware:
         return b"".join(chunks)
 
 
+async def _json(scope, receive, send, status: int, detail: str, headers: Optional[dict] = None) -> None:
+    await JSONResponse({"detail": detail}, status_code=status, headers=headers)(scope, receive, send)
+
+
 def _replay(body: bytes, receive):
     sent = [False]
 
@@ -431,23 +387,6 @@ def _replay(body: bytes, receive):
     return replayed
 
 
-class TextsIn(BaseModel):
-    texts: List[str]
-
-
-class ItemIn(BaseModel):
-    adapter: str
-    text: str
-
-
-class ItemsIn(BaseModel):
-    items: List[ItemIn]
-
-
-class AdapterPathIn(BaseModel):
-    path: str
-
-
 # -- the app -------------------------------------------------------------------
 
 
@@ -456,8 +395,8 @@ class _State:
         self.pool = pool
         self.config = config
         self.metrics = _Metrics(pool, lambda: self.batcher.pending)
-        self.batcher = Batcher(config, self.metrics)
-        self.closing = False
+        self.batcher: Batcher = pipeline_batcher(config, self.metrics)
+        self.closing = False  # draining or stopping: /ready answers 503
         self.preloaded = threading.Event()
         self.preload_errors: Dict[str, str] = {}
         self.routes: list = []
@@ -479,44 +418,65 @@ class _State:
         try:
             names = list(self.config.preload)
             if names == ["all"]:
-                names = self.pool.names()[: getattr(self.pool, "max_loaded", len(names))]
+                names = self.pool.names()[: self.pool.max_loaded]
             for name in names:
                 try:
                     self.pool.get(name)
                 except Exception as e:
-                    self.preload_errors[name] = str(e)
+                    self.preload_errors[name] = public_message(e)
                     logger.error("could not preload adapter %r: %s", name, e)
         finally:
             self.preloaded.set()
 
-    def resolve(self, names: Sequence[str]) -> Dict[str, Union[Language, Exception]]:
-        """Each name's pipeline, or the exception that loading it raised."""
-        out: Dict[str, Union[Language, Exception]] = {}
+    def resolve(self, names: Sequence[str], items: Sequence[Tuple[str, str]], field_name: str = "texts"):
+        """Each name's pipeline (or the exception that loading it raised),
+        and each item's wordpieces (None for items of failed adapters);
+        raises RequestError for a text above the wordpiece cap."""
+        found: Dict[str, Union[Language, Exception]] = {}
         for name in names:
             try:
-                out[name] = self.pool.get(name)
+                found[name] = self.pool.get(name)
             except Exception as e:
-                out[name] = e
-        return out
+                found[name] = e
+        costs: List[Optional[int]] = []
+        for i, (name, text) in enumerate(items):
+            nlp = found[name]
+            if isinstance(nlp, Exception):
+                costs.append(None)
+            else:
+                costs.append(wordpiece_costs(self.config, nlp, [text], field_name, offset=i)[0])
+        return found, costs
+
+    def check_token(self, request: Request, token: Optional[str], what: str, env: str) -> None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise HTTPException(
+                401, f"{what} needs 'Authorization: Bearer TOKEN' (the server's {env}).",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not hmac.compare_digest(given.strip().encode(), (token or "").encode()):
+            raise HTTPException(401, "Wrong token.", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
     def check_admin(self, request: Request) -> None:
-        token = self.config.admin_token
-        if not token:
+        if not self.config.admin_token:
             raise HTTPException(
                 403,
                 "Adapter management over HTTP is off. Start the server with --admin-token TOKEN "
                 "(or $SPACY_PTUNING_ADMIN_TOKEN) and send 'Authorization: Bearer TOKEN'.",
             )
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
-            raise HTTPException(
-                401, "Send 'Authorization: Bearer TOKEN' (the server's --admin-token).",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        if not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise HTTPException(
-                401, "Wrong admin token.", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}
-            )
+        self.check_token(request, self.config.admin_token, "Adapter management", "--admin-token")
+
+    def check_api(self, request: Request) -> None:
+        """The inference token, when the server has one (the admin token is
+        accepted too)."""
+        token = self.config.api_token
+        if not token:
+            return
+        given = request.headers.get("authorization", "").partition(" ")[2].strip().encode()
+        admin = self.config.admin_token
+        if admin and hmac.compare_digest(given, admin.encode()):
+            return
+        self.check_token(request, token, "This endpoint", "--api-token")
 
 
 def create_app(
@@ -526,10 +486,13 @@ def create_app(
 ) -> FastAPI:
     """The ASGI app over an :class:`AdapterPool` (or the source to build one
     from, with ``pool_kwargs`` such as ``max_loaded``)."""
-    if not isinstance(pool, AdapterPool):
-        pool = AdapterPool(pool, **pool_kwargs)
     config = config or ServeConfig()
+    if not isinstance(pool, AdapterPool):
+        pool = AdapterPool(pool, dtype=config.dtype, **pool_kwargs)
     state = _State(pool, config)
+    admin_root = Path(config.admin_root).resolve() if config.admin_root else (
+        pool.root.resolve() if pool.root is not None else None
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -542,12 +505,15 @@ def create_app(
         await run_in_threadpool(state.batcher.close, config.timeout_s)
         state.loader.shutdown(wait=False)
 
+    docs = {} if config.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(
         title="spacy-ptuning",
         description="Adapters (continuous prompts) over one shared, frozen transformer.",
         lifespan=lifespan,
+        **docs,
     )
     app.state.ptuning = state
+    install_error_handlers(app)
 
     @app.get("/health")
     async def health():
@@ -556,7 +522,8 @@ def create_app(
 
     @app.get("/ready")
     def ready():
-        """Readiness: the pool lists its adapters and the preloads are done."""
+        """Readiness: the pool lists its adapters and the preloads are done;
+        503 while draining."""
         if state.closing:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         if not state.preloaded.is_set():
@@ -564,7 +531,7 @@ def create_app(
         try:
             names = state.pool.names()
         except Exception as e:
-            return JSONResponse({"status": "error", "detail": str(e)}, status_code=503)
+            return JSONResponse({"status": "error", "detail": public_message(e)}, status_code=503)
         return {
             "status": "ready",
             "adapters": len(names),
@@ -573,18 +540,23 @@ def create_app(
         }
 
     @app.get("/adapters")
-    def list_adapters():
+    def list_adapters(request: Request):
         """Every adapter, loaded or not: tasks, labels, method, backbone."""
+        state.check_api(request)
         return {"adapters": [public_info(state.pool.describe(name)) for name in state.pool.names()]}
 
     @app.get("/adapters/{name}")
-    def describe_adapter(name: str):
-        return public_info(_describe(state, name))
+    def describe_adapter(name: str, request: Request):
+        state.check_api(request)
+        try:
+            return public_info(state.pool.describe(name))
+        except (UnknownAdapter, InvalidAdapterName) as e:
+            raise _http(request_error(e))
 
     @app.post("/adapters/{name}/process")
     async def process_adapter(name: str, body: TextsIn, request: Request):
         """Process texts with one adapter: {"docs": [Doc.to_json, ...]}."""
-        check_size(config, body.texts)
+        state.check_api(request)
         results, _ = await _answer(state, request, [(name, t) for t in body.texts], mixed=False)
         errors = [r for r in results if isinstance(r, str)]
         if errors:
@@ -595,7 +567,7 @@ def create_app(
     async def process_mixed(body: ItemsIn, request: Request):
         """Process a mixed list of (adapter, text) items: {"results": [...]}, in
         order; an item whose adapter failed carries "error" instead."""
-        check_size(config, [item.text for item in body.items])
+        state.check_api(request)
         items = [(item.adapter, item.text) for item in body.items]
         results, n_errors = await _answer(state, request, items, mixed=True)
         out = []
@@ -605,10 +577,11 @@ def create_app(
 
     @app.put("/adapters/{name}", status_code=201)
     def put_adapter(name: str, body: AdapterPathIn, request: Request):
-        """Add (or replace) an adapter from a pipeline folder on the server;
-        it is loaded at once, and kept only if it loads (admin token)."""
+        """Add (or replace) an adapter from a pipeline folder under the
+        admin root; it is loaded at once, and kept only if it loads (admin
+        token)."""
         state.check_admin(request)
-        path = Path(body.path).expanduser()
+        path = _admin_path(admin_root, body.path)
         with state.admin_lock:
             try:
                 previous = state.pool.describe(name).get("location")
@@ -619,7 +592,7 @@ def create_app(
             try:
                 state.pool.add(name, str(path))
             except (InvalidAdapterName, FileNotFoundError, ValueError) as e:
-                raise HTTPException(422, str(e))
+                raise HTTPException(422, scrub(str(e)))
             try:
                 state.pool.get(name)
             except Exception as e:
@@ -630,7 +603,7 @@ def create_app(
                         state.pool.remove(name)
                 except Exception:
                     logger.exception("could not restore adapter %r", name)
-                raise HTTPException(422, describe_error(e))
+                raise HTTPException(422, public_message(e))
         status = 200 if previous is not None else 201
         return JSONResponse(public_info(state.pool.describe(name)), status_code=status)
 
@@ -641,10 +614,8 @@ def create_app(
         with state.admin_lock:
             try:
                 state.pool.remove(name)
-            except UnknownAdapter as e:
-                raise HTTPException(404, str(e))
-            except InvalidAdapterName as e:
-                raise HTTPException(422, str(e))
+            except (UnknownAdapter, InvalidAdapterName) as e:
+                raise _http(request_error(e))
         return Response(status_code=204)
 
     @app.get("/metrics")
@@ -653,36 +624,42 @@ def create_app(
         return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(_Middleware, state=state)
+    if config.allowed_hosts is not None and list(config.allowed_hosts) != ["*"]:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(config.allowed_hosts))
     state.routes = [r for r in app.routes if hasattr(r, "matches")]
     return app
 
 
-def public_info(info: dict) -> dict:
-    """An adapter's description without its location on the server's disk."""
-    return {k: v for k, v in info.items() if k not in ("location", "path")}
+def install_error_handlers(app: FastAPI) -> None:
+    """422 for a malformed body that names what is wrong and where, never
+    echoing the input (which may be huge, or hold NaN, which JSON cannot
+    answer with)."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError):
+        errors = [
+            {"loc": [str(p)[:64] for p in e.get("loc", ())][:8], "msg": str(e.get("msg", ""))[:200], "type": str(e.get("type", ""))}
+            for e in exc.errors()[:20]
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
 
 
-def _describe(state: _State, name: str) -> dict:
-    try:
-        return state.pool.describe(name)
-    except UnknownAdapter as e:
-        raise HTTPException(404, str(e))
-    except InvalidAdapterName as e:
-        raise HTTPException(422, str(e))
+def _http(e: RequestError) -> HTTPException:
+    return HTTPException(e.status, e.detail, headers=e.headers or None)
 
 
-def check_size(config: ServeConfig, texts: Sequence[str]) -> None:
-    if len(texts) > config.max_items:
-        raise HTTPException(
-            413, f"{len(texts)} texts in one request; this server takes at most {config.max_items} "
-                 "(--max-items). Split the request."
-        )
-    chars = sum(len(t) for t in texts)
-    if chars > config.max_chars:
-        raise HTTPException(
-            413, f"{chars} characters of text in one request; this server takes at most "
-                 f"{config.max_chars} (--max-chars). Split the request."
-        )
+def _admin_path(root: Optional[Path], given: str) -> Path:
+    """A PUT's folder: a saved pipeline folder inside the admin root (never an
+    installed package, never a folder elsewhere on the server)."""
+    if root is None:
+        raise HTTPException(403, "PUT /adapters/NAME needs an admin root: start the server with --admin-root FOLDER.")
+    path = Path(given).expanduser()
+    path = (root / path if not path.is_absolute() else path).resolve()
+    if path != root and root not in path.parents:
+        raise HTTPException(422, Errors.E044.format(path=scrub(given)))
+    if not (path / "config.cfg").is_file():
+        raise HTTPException(422, Errors.E045.format(path=scrub(given)))
+    return path
 
 
 async def _answer(
@@ -693,59 +670,64 @@ async def _answer(
     config = state.config
     loop = asyncio.get_running_loop()
     deadline = loop.time() + config.timeout_s
-    if state.closing:
-        state.metrics.rejected.inc()
-        raise HTTPException(503, "The server is shutting down.", headers={"Retry-After": str(config.retry_after_s)})
     names = list(dict.fromkeys(name for name, _ in items))
+    label = names[0] if len(names) == 1 else MIXED
+    request.scope["state"]["access"] = {"adapter": label, "texts": len(items)}
+    status = [500]
     try:
-        resolved = await asyncio.wait_for(loop.run_in_executor(state.loader, state.resolve, names), timeout=config.timeout_s)
-    except asyncio.TimeoutError:
-        state.metrics.timeouts.inc()
-        raise HTTPException(504, f"Loading the adapters {names} took longer than {config.timeout_s} s (--timeout); retry later.")
-    for name in names:  # the client's mistakes fail the whole request
-        found = resolved[name]
-        if isinstance(found, UnknownAdapter):
-            raise HTTPException(404, str(found))
-        if isinstance(found, InvalidAdapterName):
-            raise HTTPException(422, str(found))
-    failed = {name: describe_error(e) for name, e in resolved.items() if isinstance(e, Exception)}
-    if failed and not mixed:
-        name, message = next(iter(failed.items()))
-        raise HTTPException(500, message)
-    results: List[Union[Dict[str, Any], str, None]] = [failed.get(name) for name, _ in items]
-    todo = [i for i, (name, _) in enumerate(items) if name not in failed]
-    if todo:
-        job = Job([(items[i][0], resolved[items[i][0]], items[i][1]) for i in todo], loop)  # type: ignore[misc]
         try:
-            state.batcher.submit(job)
-        except QueueFull:
-            state.metrics.rejected.inc()
-            raise HTTPException(
-                503,
-                f"The server is busy: {state.batcher.pending} texts are waiting (--max-queue "
-                f"{config.max_queue}). Retry after {config.retry_after_s} s.",
-                headers={"Retry-After": str(config.retry_after_s)},
-            )
-        except ShuttingDown:
-            state.metrics.rejected.inc()
-            raise HTTPException(503, "The server is shutting down.", headers={"Retry-After": str(config.retry_after_s)})
-        done = await _wait(state, request, job, deadline)
-        for i, result in zip(todo, done):
-            results[i] = result
-    n_errors = sum(isinstance(r, str) for r in results)
-    return results, n_errors  # type: ignore[return-value]
+            check_texts(config, [t for _, t in items], "items" if mixed else "texts")
+            try:
+                resolved, costs = await asyncio.wait_for(
+                    loop.run_in_executor(state.loader, state.resolve, names, items, "items" if mixed else "texts"), timeout=config.timeout_s)
+            except asyncio.TimeoutError:
+                state.metrics.timeouts.inc()
+                raise RequestError(504, f"Loading the adapters took longer than {config.timeout_s} s (--timeout); retry later.")
+            for name in names:  # the client's mistakes fail the whole request
+                found = resolved[name]
+                if isinstance(found, (UnknownAdapter, InvalidAdapterName)):
+                    raise request_error(found)
+            failed = {name: public_message(e) for name, e in resolved.items() if isinstance(e, Exception)}
+            if failed and not mixed:
+                raise RequestError(500, next(iter(failed.values())))
+            results: List[Union[Dict[str, Any], str, None]] = [failed.get(name) for name, _ in items]
+            todo = [i for i, (name, _) in enumerate(items) if name not in failed]
+            if todo:
+                job = Job([(items[i][0], resolved[items[i][0]], items[i][1]) for i in todo], loop,
+                          costs=[costs[i] for i in todo], deadline=time.monotonic() + max(0.0, deadline - loop.time()),
+                          request_id=request.scope["state"].get("request_id", ""))
+                try:
+                    state.batcher.submit(job)
+                except (QueueFull, ShuttingDown) as e:
+                    state.metrics.rejected.inc()
+                    raise request_error(e)
+                done = await _wait(state, request, job, deadline)
+                for i, result in zip(todo, done):
+                    results[i] = result
+        except RequestError as e:
+            status[0] = e.status
+            raise _http(e)
+        n_errors = sum(isinstance(r, str) for r in results)
+        status[0] = 500 if (n_errors and not mixed) else 200
+        return results, n_errors  # type: ignore[return-value]
+    except HTTPException as e:
+        status[0] = e.status_code
+        raise
+    finally:
+        state.metrics.adapter_requests.labels(label, str(status[0])).inc()
+        state.metrics.adapter_latency.labels(label).observe(config.timeout_s - max(0.0, deadline - loop.time()))
 
 
 async def _wait(state: _State, request: Request, job: Job, deadline: float) -> list:
-    """The job's results; 504 past the deadline; gives up (and drops the job
-    if it has not started) when the client disconnects."""
+    """The job's results; 504 past the deadline; gives up (and drops the
+    texts not yet started) when the client disconnects."""
     loop = asyncio.get_running_loop()
     while True:
         left = deadline - loop.time()
         if left <= 0:
             job.cancelled = True
             state.metrics.timeouts.inc()
-            raise HTTPException(
+            raise RequestError(
                 504,
                 f"The request was not answered within {state.config.timeout_s} s (--timeout); "
                 f"{state.batcher.pending} texts are in the queue. Retry later, or send fewer texts per request.",
@@ -756,7 +738,33 @@ async def _wait(state: _State, request: Request, job: Job, deadline: float) -> l
         if await request.is_disconnected():
             job.cancelled = True
             state.metrics.disconnects.inc()
-            raise HTTPException(499, "Client closed the request.")
+            raise RequestError(499, "Client closed the request.")
+
+
+# -- running -------------------------------------------------------------------
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def set_threads(threads: int) -> None:
+    """torch's intra-op threads for this process (0: leave torch's default).
+
+    Why 1 by default: the server's batches are small (a few sentences), so
+    a second OpenMP thread gains little, while its spinning waits compete
+    with the event loop, the loader threads and anything else on the
+    machine; on a busy 2-core machine that made throughput unstable and up
+    to 10x lower (docs/serving.md, "Threads")."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
 
 
 def serve(
@@ -769,18 +777,106 @@ def serve(
     check_interval: Optional[float] = 1.0,
     log_level: str = "info",
 ) -> None:
-    """Run the server until SIGINT/SIGTERM (then finish the accepted requests)."""
-    import uvicorn
-
+    """Run the server until SIGTERM/SIGINT (then drain, and finish the
+    accepted requests)."""
     config = config or ServeConfig()
-    pool = AdapterPool(source, max_loaded=max_loaded, check_interval=check_interval)
+    set_threads(config.threads)
+    if config.allowed_hosts is None:
+        config.allowed_hosts = list(LOOPBACK_HOSTS) if _is_loopback(host) else ["*"]
+    pool = AdapterPool(source, max_loaded=max_loaded, check_interval=check_interval, dtype=config.dtype)
     app = create_app(pool, config)
-    # One process: the adapters and the backbone live in it. Graceful shutdown
-    # waits for the requests in flight, each bounded by the request timeout.
-    uvicorn.run(
+    if not logging.getLogger().handlers and not access_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access_logger.addHandler(handler)
+        access_logger.setLevel(logging.INFO if log_level in ("info", "debug", "trace") else logging.WARNING)
+        access_logger.propagate = False
+    uv_config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level,
+        access_log=False,  # ours: one JSON line per request, with its id
+        http=timed_protocol(config.read_timeout_s),
+        limit_concurrency=config.max_connections,
         timeout_graceful_shutdown=int(config.timeout_s) + 5,
     )
+    DrainingServer(uv_config, app.state.ptuning).run()
+
+
+def timed_protocol(read_timeout_s: float):
+    """uvicorn's h11 protocol, closing a connection that has not sent a
+    whole request line and headers within ``read_timeout_s`` of connecting
+    (or of its previous response).
+
+    Why our own: uvicorn times out idle keep-alive connections only after a
+    response, and never a request whose headers trickle in (slowloris)."""
+
+    class _TimedH11Protocol(H11Protocol):
+        _header_timer = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(read_timeout_s, self._header_timeout)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _header_timeout(self) -> None:
+            self._header_timer = None
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm()  # a whole request arrived; the body has its own timeout
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return _TimedH11Protocol
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a drain phase: the first SIGTERM/SIGINT makes
+    ``/ready`` answer 503 and keeps serving until ``drain_s`` has passed and
+    the batcher has answered everything accepted (at most ``timeout_s``
+    more); then uvicorn's own graceful shutdown runs. A second signal stops
+    at once."""
+
+    def __init__(self, config, state: _State):
+        super().__init__(config)
+        self.state = state
+        self.draining = threading.Event()
+
+    def handle_exit(self, sig, frame) -> None:
+        # Not uvicorn's: it re-raises the signals it caught once it has
+        # stopped, so a drained server would exit 130 instead of 0.
+        if self.draining.is_set():
+            self.should_exit = self.force_exit = True
+            return
+        self.draining.set()
+        self.state.closing = True
+        logger.info("draining: /ready answers 503; %d texts in flight", self.state.batcher.pending)
+        threading.Thread(target=self._drain, name="spacy-ptuning-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        cfg = self.state.config
+        end = time.monotonic() + cfg.drain_s
+        limit = end + cfg.timeout_s
+        while time.monotonic() < limit and (time.monotonic() < end or self.state.batcher.pending):
+            time.sleep(0.05)
+        self.should_exit = True
