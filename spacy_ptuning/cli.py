@@ -10,11 +10,15 @@ The server's own dependencies (FastAPI, uvicorn, prometheus-client) are the
 ``serve`` extra and are imported only when the command runs, so other spaCy
 commands never need them.
 """
+import dataclasses
+import inspect
 from pathlib import Path
 from typing import Optional
 
 import typer
 from spacy.cli._util import Arg, Opt, app, import_code
+
+from .serve_config import ServeConfig, config_fields
 
 ptuning_cli = typer.Typer(
     name="ptuning",
@@ -30,71 +34,74 @@ def _group() -> None:
     ``python -m spacy_ptuning.cli serve`` reads as ``spacy ptuning serve``)."""
 
 ADMIN_TOKEN_ENV = "SPACY_PTUNING_ADMIN_TOKEN"
+API_TOKEN_ENV = "SPACY_PTUNING_API_TOKEN"
+_ENV = {"admin_token": ADMIN_TOKEN_ENV, "api_token": API_TOKEN_ENV}
+_LISTS = ("preload", "allowed_hosts")  # comma-separated on the command line
 
 
-@ptuning_cli.command("serve")
-def serve_cli(
-    # fmt: off
-    adapters_dir: Path = Arg(..., help="Folder with one saved pipeline (nlp.to_disk) per subfolder; the subfolder's name is the adapter's name", exists=True, file_okay=False),
-    host: str = Opt("127.0.0.1", "--host", help="Interface to bind (127.0.0.1: this machine only; 0.0.0.0: every interface)"),
-    port: int = Opt(8080, "--port", help="TCP port"),
-    max_loaded: int = Opt(8, "--max-loaded", help="Most adapters kept loaded at once (least recently used ones are dropped; the backbone stays)"),
-    batching: str = Opt("mixed", "--batching", help="mixed: one backbone pass for the texts of many adapters; per_adapter: each adapter's texts with its own nlp.pipe"),
-    max_wait_ms: float = Opt(5.0, "--max-wait-ms", help="How long the batcher waits for more requests after the first one"),
-    max_batch_texts: int = Opt(64, "--max-batch-texts", help="Most texts in one batch (a larger request runs as one batch of its own)"),
-    max_batch_tokens: int = Opt(4096, "--max-batch-tokens", help="Most wordpieces (padded) in one backbone pass"),
-    max_queue: int = Opt(1024, "--max-queue", help="Most texts accepted and not yet answered; beyond it requests get 503 with Retry-After"),
-    timeout: float = Opt(30.0, "--timeout", help="Seconds a request may wait for its result before it gets 504"),
-    max_items: int = Opt(512, "--max-items", help="Most texts/items in one request (413 beyond)"),
-    max_chars: int = Opt(1_000_000, "--max-chars", help="Most characters of text in one request (413 beyond)"),
-    max_body_bytes: int = Opt(2_000_000, "--max-body-bytes", help="Largest request body in bytes (413 beyond)"),
-    preload: str = Opt("", "--preload", help="Adapters to load at start, comma-separated, or 'all'; /ready answers 200 once they are loaded"),
-    check_interval: float = Opt(1.0, "--check-interval", help="Seconds between checks of an adapter's folder for changes (a changed folder is reloaded); negative: never"),
-    admin_token: Optional[str] = Opt(None, "--admin-token", envvar=ADMIN_TOKEN_ENV, help=f"Bearer token for PUT/DELETE /adapters/NAME (also read from ${ADMIN_TOKEN_ENV}); without one those endpoints answer 403", show_default=False),
-    code_path: Optional[Path] = Opt(None, "--code", "-c", help="Path to Python file with additional code (registered functions, custom components) to import before loading adapters"),
-    log_level: str = Opt("info", "--log-level", help="uvicorn's log level"),
-    # fmt: on
-):
+def serve_cli(**options):
     """Serve the adapters in ADAPTERS_DIR over HTTP (FastAPI + uvicorn).
 
     Endpoints: GET /adapters, POST /adapters/NAME/process {"texts": [...]},
     POST /process {"items": [{"adapter": NAME, "text": ...}]}, GET /health,
     GET /ready, GET /metrics (Prometheus), and with --admin-token
-    PUT /adapters/NAME {"path": ...} and DELETE /adapters/NAME.
+    PUT /adapters/NAME {"path": ...} and DELETE /adapters/NAME. Every limit
+    and what a client gets past it: docs/serving.md.
     """
     try:
-        from .server import ServeConfig, serve
+        from .server import serve
     except ImportError as e:
         typer.echo(
             f"The server needs the 'serve' extra ({e}): pip install 'spacy-ptuning[serve]'", err=True
         )
         raise typer.Exit(1)
-    if batching not in ("mixed", "per_adapter"):
-        raise typer.BadParameter("choose 'mixed' or 'per_adapter'", param_hint="--batching")
-    import_code(code_path)
-    names = [n.strip() for n in preload.split(",") if n.strip()]
-    config = ServeConfig(
-        batching=batching,
-        max_wait_ms=max_wait_ms,
-        max_batch_texts=max_batch_texts,
-        max_batch_tokens=max_batch_tokens,
-        max_queue=max_queue,
-        timeout_s=timeout,
-        max_items=max_items,
-        max_chars=max_chars,
-        max_body_bytes=max_body_bytes,
-        admin_token=admin_token or None,
-        preload=names,
-    )
-    serve(
-        adapters_dir,
-        config,
-        host=host,
-        port=port,
-        max_loaded=max_loaded,
-        check_interval=None if check_interval < 0 else check_interval,
-        log_level=log_level,
-    )
+    adapters_dir = options.pop("adapters_dir")
+    host, port, max_loaded = options.pop("host"), options.pop("port"), options.pop("max_loaded")
+    check_interval, log_level = options.pop("check_interval"), options.pop("log_level")
+    import_code(options.pop("code_path"))
+    for name in _LISTS:
+        value = options.get(name)
+        options[name] = [n.strip() for n in value.split(",") if n.strip()] if value else (None if name == "allowed_hosts" else [])
+    for name in ("admin_token", "api_token", "dtype", "admin_root"):
+        options[name] = options.get(name) or None
+    try:
+        config = ServeConfig(**options)
+    except ValueError as e:
+        raise typer.BadParameter(str(e))
+    serve(adapters_dir, config, host=host, port=port, max_loaded=max_loaded,
+          check_interval=None if check_interval < 0 else check_interval, log_level=log_level)
+
+
+def _serve_signature() -> inspect.Signature:
+    """The command's options: a few of its own, then one per ServeConfig
+    field (its flag, default and help from there)."""
+    P = inspect.Parameter
+    params = [
+        P("adapters_dir", P.KEYWORD_ONLY, annotation=Path, default=Arg(..., help="Folder with one saved pipeline (nlp.to_disk) per subfolder; the subfolder's name is the adapter's name", exists=True, file_okay=False)),
+        P("host", P.KEYWORD_ONLY, annotation=str, default=Opt("127.0.0.1", "--host", help="Interface to bind (127.0.0.1: this machine only; 0.0.0.0: every interface)")),
+        P("port", P.KEYWORD_ONLY, annotation=int, default=Opt(8080, "--port", help="TCP port")),
+        P("max_loaded", P.KEYWORD_ONLY, annotation=int, default=Opt(8, "--max-loaded", help="Most adapters kept loaded at once (least recently used ones are dropped; the backbone stays)")),
+        P("check_interval", P.KEYWORD_ONLY, annotation=float, default=Opt(1.0, "--check-interval", help="Seconds between checks of an adapter's folder for changes (a changed folder is reloaded, a deleted one is gone); negative: never")),
+        P("code_path", P.KEYWORD_ONLY, annotation=Optional[Path], default=Opt(None, "--code", "-c", help="Path to Python file with additional code (registered functions, custom components) to import before loading adapters")),
+        P("log_level", P.KEYWORD_ONLY, annotation=str, default=Opt("info", "--log-level", help="uvicorn's log level (info: one JSON access-log line per request)")),
+    ]
+    for name, default, flag, help_text in config_fields():
+        kind = _FIELD_TYPES[name]
+        if name in _LISTS:
+            kind, default = str, ",".join(default or ())
+        extra = {"envvar": _ENV[name], "show_default": False} if name in _ENV else {}
+        params.append(P(name, P.KEYWORD_ONLY, annotation=kind, default=Opt(default, flag, help=help_text, **extra)))
+    return inspect.Signature(params)
+
+
+_FIELD_TYPES = {
+    f.name: (Optional[str] if f.type in (Optional[str], "Optional[str]") else bool if f.type in (bool, "bool")
+             else int if f.type in (int, "int") else float if f.type in (float, "float") else str)
+    for f in dataclasses.fields(ServeConfig)
+}
+serve_cli.__signature__ = _serve_signature()  # type: ignore[attr-defined]
+serve_cli.__annotations__ = {p.name: p.annotation for p in serve_cli.__signature__.parameters.values()}  # type: ignore[attr-defined]
+ptuning_cli.command("serve")(serve_cli)
 
 
 @ptuning_cli.command("annotate")

@@ -184,3 +184,18 @@ class Errors(metaclass=ErrorsWithCodes):
         "root). Give a folder written by nlp.to_disk; installed packages are not "
         "taken over HTTP."
     )
+
+
+def errors_table() -> str:
+    """The markdown table of every code and message template (docs/errors.md
+    holds it after its header; a test checks they agree):
+    ``python -m spacy_ptuning.errors``."""
+    rows = ["| code | message template |", "| --- | --- |"]
+    for code in sorted(k for k in vars(Errors) if k.startswith("E") and k[1:].isdigit()):
+        message = type.__getattribute__(Errors, code).replace("|", "\\|")
+        rows.append(f"| `PT-{code}` | {message} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(errors_table(), end="")

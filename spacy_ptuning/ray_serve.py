@@ -51,6 +51,7 @@ or from a config file (``serve deploy config.yaml``); see docs/ray.md.
 """
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import time
@@ -70,7 +71,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(Errors.E036.format(what="spacy_ptuning.ray_serve", error=e)) from e
 
 from .pool import AdapterPool, InvalidAdapterName, UnknownAdapter
-from .api import ItemsIn, TextsIn, pipeline_batcher, public_message as describe_error
+from .api import ItemsIn, RequestError, TextsIn, pipeline_batcher, public_message as describe_error, wordpiece_costs
 from .batcher import Job, QueueFull, ShuttingDown
 from .server import ServeConfig, check_size, install_error_handlers, public_info
 
@@ -170,8 +171,12 @@ class PTuningDeployment:
             return {**out, "status": 422, "detail": str(e)}
         except Exception as e:  # AdapterLoadFailed: this adapter only
             return {**out, "status": 500, "detail": describe_error(e)}
+        try:
+            costs = wordpiece_costs(self.config, nlp, texts)
+        except RequestError as e:  # a text above max_text_wordpieces: 413
+            return {**out, "status": e.status, "detail": e.detail}
         loop = asyncio.get_running_loop()
-        job = Job([(name, nlp, t) for t in texts], loop, deadline=time.monotonic() + self.config.timeout_s)
+        job = Job([(name, nlp, t) for t in texts], loop, costs=costs, deadline=time.monotonic() + self.config.timeout_s)
         try:
             self.batcher.submit(job)
         except (QueueFull, ShuttingDown) as e:
@@ -346,11 +351,15 @@ class PTuningRouter:
 
 # -- the application -------------------------------------------------------------
 
-_INT = ("num_replicas", "router_replicas", "max_models", "max_ongoing_requests", "retries", "max_batch_texts", "max_batch_tokens",
-        "max_queue", "max_items", "max_chars")
-_FLOAT = ("num_cpus", "num_gpus", "max_wait_ms", "timeout_s", "check_interval")
-_CONFIG = ("batching", "max_wait_ms", "max_batch_texts", "max_batch_tokens", "max_queue", "timeout_s",
-           "max_items", "max_chars")
+# The batcher and request limits a replica takes: ServeConfig's fields (their
+# types convert the strings of `serve run ... key=value`); the HTTP-only ones
+# (connections, tokens, hosts, drain) belong to Serve's proxy, not to ours.
+_CONFIG = ("batching", "max_wait_ms", "max_batch_texts", "max_batch_tokens", "max_queue", "max_queue_wait_s",
+           "timeout_s", "max_items", "max_chars", "max_text_wordpieces")
+_INT = ("num_replicas", "router_replicas", "max_models", "max_ongoing_requests", "retries",
+        *(f.name for f in dataclasses.fields(ServeConfig) if f.name in _CONFIG and f.type in (int, "int")))
+_FLOAT = ("num_cpus", "num_gpus", "check_interval",
+          *(f.name for f in dataclasses.fields(ServeConfig) if f.name in _CONFIG and f.type in (float, "float")))
 
 
 def build_app(args: Mapping[str, Any]) -> "serve.Application":
@@ -367,7 +376,8 @@ def build_app(args: Mapping[str, Any]) -> "serve.Application":
     retries (3: tries when a replica dies mid-request), check_interval (1.0 s;
     negative: never reload a changed adapter folder), and the batcher's
     batching, max_wait_ms, max_batch_texts, max_batch_tokens, max_queue,
-    timeout_s, max_items, max_chars (as ``ServeConfig``).
+    max_queue_wait_s, timeout_s, max_items, max_chars, max_text_wordpieces
+    (as ``ServeConfig``).
     """
     opts: Dict[str, Any] = dict(args)  # one parameter: Serve's rule for application builders
     if "adapters_dir" not in opts:

@@ -47,7 +47,6 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -80,72 +79,9 @@ from .pool import AdapterLoadFailed, AdapterPool, InvalidAdapterName, UnknownAda
 logger = logging.getLogger("spacy_ptuning.server")
 access_logger = logging.getLogger("spacy_ptuning.access")
 
-BATCHING = ("mixed", "per_adapter")
-DTYPES = ("float32", "bfloat16", "float16", "auto")
+from .serve_config import BATCHING, DTYPES, ServeConfig, config_fields  # noqa: E402,F401
+
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
-
-
-def _opt(default, help: str, flag: Optional[str] = None, **kw):
-    """A setting: its default, its help text and its command-line flag, in
-    one place (``cli.py`` and ``docs/serving.md`` are checked against it)."""
-    meta = {"help": help, "flag": flag}
-    if callable(default):
-        return field(default_factory=default, metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
-
-
-@dataclass
-class ServeConfig:
-    """Server settings (the ``serve`` command's options); every default is
-    written here once."""
-
-    batching: str = _opt("mixed", "mixed: one backbone pass for the texts of many adapters; per_adapter: each adapter's texts with its own nlp.pipe")
-    max_wait_ms: float = _opt(5.0, "How long the batcher waits for more requests after the first one")
-    max_batch_texts: int = _opt(64, "Most texts in one batch (a larger request is split over several)")
-    max_batch_tokens: int = _opt(4096, "Most wordpieces in one batch and in one backbone pass (a longer text runs alone)")
-    max_queue: int = _opt(1024, "Most texts accepted and not yet answered; 503 with Retry-After beyond")
-    max_queue_wait_s: float = _opt(5.0, "Most seconds of work (queued wordpieces / measured rate) a new request may queue behind; 503 with Retry-After beyond", "--max-queue-wait")
-    timeout_s: float = _opt(30.0, "Seconds a request may wait for its result; 504 beyond (its texts not yet started are dropped)", "--timeout")
-    max_items: int = _opt(512, "Most texts/items in one request; 413 beyond")
-    max_chars: int = _opt(1_000_000, "Most characters of text in one request; 413 beyond")
-    max_text_wordpieces: int = _opt(4096, "Most wordpieces in one text; 413 beyond (split long texts)")
-    max_body_bytes: int = _opt(2_000_000, "Largest request body in bytes; 413 beyond")
-    read_timeout_s: float = _opt(10.0, "Seconds a client has to send its request line, headers and body; the connection is closed (headers) or answered 408 (body) beyond", "--read-timeout")
-    max_connections: int = _opt(512, "Most open connections and requests in flight; 503 beyond (uvicorn's limit_concurrency)")
-    threads: int = _opt(1, "torch intra-op threads of the server process (0: torch's default, one per core); see docs/serving.md for why 1")
-    dtype: Optional[str] = _opt(None, "Load every adapter's backbone in this dtype (float32: results that do not depend on the batch); default: as each adapter was saved")
-    admin_token: Optional[str] = _opt(None, "Bearer token for PUT/DELETE /adapters/NAME (also $SPACY_PTUNING_ADMIN_TOKEN); off without")
-    admin_root: Optional[str] = _opt(None, "The folder under which PUT /adapters/NAME may take pipeline folders (default: the adapters folder)")
-    api_token: Optional[str] = _opt(None, "Bearer token for the inference and listing endpoints (also $SPACY_PTUNING_API_TOKEN); open without. /health, /ready and /metrics stay open")
-    allowed_hosts: Optional[Sequence[str]] = _opt(None, "Host header values accepted, comma-separated (400 otherwise); default: the loopback names when bound to a loopback address, any otherwise")
-    docs: bool = _opt(False, "Serve the OpenAPI schema and pages (/docs, /redoc, /openapi.json)")
-    drain_s: float = _opt(0.0, "On SIGTERM: seconds to keep serving with /ready answering 503 before the listening socket closes (requests in flight are finished either way)", "--drain-seconds")
-    preload: Sequence[str] = _opt(tuple, "Adapters to load at start, comma-separated, or 'all'; /ready answers 200 once they are loaded")
-    retry_after_s: int = _opt(1, "The smallest Retry-After of a 503")
-
-    def __post_init__(self) -> None:
-        if self.batching not in BATCHING:
-            raise ValueError(f"batching must be one of {BATCHING}, got {self.batching!r}")
-        for name in ("max_batch_texts", "max_batch_tokens", "max_queue", "max_items", "max_chars",
-                     "max_body_bytes", "max_text_wordpieces", "max_connections"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
-        if self.timeout_s <= 0 or self.max_wait_ms < 0 or self.max_queue_wait_s <= 0 or self.read_timeout_s <= 0:
-            raise ValueError("timeout_s, max_queue_wait_s and read_timeout_s must be positive and max_wait_ms at least 0")
-        if self.threads < 0 or self.drain_s < 0:
-            raise ValueError("threads and drain_s must be at least 0")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-
-
-def config_fields() -> List[Tuple[str, Any, str, str]]:
-    """(field, default, flag, help) of every setting, for the CLI and docs."""
-    out = []
-    for f in fields(ServeConfig):
-        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        out.append((f.name, default, flag, f.metadata["help"]))
-    return out
 
 
 # -- compatibility: names other modules imported from here --------------------
@@ -167,6 +103,14 @@ def public_info(info: dict) -> dict:
     out = {k: v for k, v in info.items() if k not in ("location", "path")}
     if out.get("error"):
         out["error"] = scrub(out["error"])
+    components = []
+    for c in out.get("components", []):
+        backbone = c.get("backbone")
+        if isinstance(backbone, str) and Path(backbone).is_absolute():
+            c = {**c, "backbone": Path(backbone).name}  # a local copy: its folder's name only
+        components.append(c)
+    if "components" in out:
+        out["components"] = components
     return out
 
 

@@ -428,10 +428,7 @@ def test_minilm_dtypes_agree_and_real_changes_do_not(minilm):
     sketches = {}
     for dtype, model in minilm.items():
         weight_sketch(model)  # the projection matrix is drawn once
-        start = time.perf_counter()
-        sketches[dtype] = weight_sketch(model)
-        seconds = time.perf_counter() - start
-        assert seconds < 2.0, (dtype, seconds)  # ~0.1 s on two CPU cores
+        sketches[dtype] = weight_sketch(model)  # its time: bench/, not a test (~0.1 s on two cores)
     honest = max(weight_ratios(sketches[a], sketches[b]).max() for a in DTYPES for b in DTYPES)
     assert honest < TOLERANCE / 4, honest
     assert len(srsly.msgpack_dumps(sketches["float32"])) < 24_000

@@ -192,7 +192,7 @@ class TestServe:
             got = getattr(client, method)(path, **({"json": body} if body else {}))
             assert (got.status_code, got.json()) == (want.status_code, want.json()), path
         assert client.post("/adapters/nope/process", json={"texts": ["a"]}).status_code == 404
-        assert "Known adapters: broken, multi, ner, sentiment, topics" in client.get("/adapters/nope").json()["detail"]
+        assert "GET /adapters" in client.get("/adapters/nope").json()["detail"]
 
     def test_corrupt_adapter_fails_alone(self, client, adapters_dir, expected):
         ours = TestClient(create_app(AdapterPool(adapters_dir, check_interval=None), ServeConfig()))

@@ -188,7 +188,7 @@ def server(adapters_dir):
             yield client
 
 
-def _wait_ready(client, timeout=30):
+def _wait_ready(client, timeout=120):
     deadline = time.monotonic() + timeout
     while True:
         r = client.get("/ready")
@@ -213,7 +213,9 @@ def _metric(client, name, **labels):
     return _metrics(client).get((name, frozenset(labels.items())), 0.0)
 
 
-def _wait_for(predicate, timeout=10, what="condition"):
+def _wait_for(predicate, timeout=120, what="condition"):
+    """Polls until `predicate` holds; the timeout only bounds a broken server
+    (generous: the suite must pass with every core busy)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -468,10 +470,8 @@ def test_request_timeout_is_504_and_server_recovers(adapters_dir):
     app = _app(adapters_dir, timeout_s=SLOW_SECONDS / 3, preload=["slow", "ner"])
     with running(app) as (url, _), httpx.Client(base_url=url, timeout=20) as client:
         _wait_ready(client)
-        start = time.monotonic()
         r = client.post("/adapters/slow/process", json={"texts": ["a good film"]})
         assert r.status_code == 504 and "--timeout" in r.json()["detail"]
-        assert time.monotonic() - start < SLOW_SECONDS
         _wait_for(lambda: _metric(client, "ptuning_queue_texts") == 0, what="the slow batch")
         assert client.post("/adapters/ner/process", json={"texts": ["alice"]}).status_code == 200
         assert _metric(client, "ptuning_timeouts_total") == 1
@@ -516,16 +516,16 @@ def test_concurrent_clients_are_batched_together(adapters_dir, expected):
 def test_requests_are_gathered_until_the_text_budget(adapters_dir, expected):
     """Requests arriving within --max-wait-ms join one batch, which runs as
     soon as --max-batch-texts is reached (not after the full wait)."""
-    app = _app(adapters_dir, max_wait_ms=3000, max_batch_texts=4, preload=SERVED)
+    # A gathering wait far beyond the requests' own timeout: were the batch
+    # not started by the text budget, every request would get 504.
+    app = _app(adapters_dir, max_wait_ms=600_000, max_batch_texts=4, preload=SERVED, timeout_s=120)
     with running(app) as (url, _), httpx.Client(base_url=url, timeout=20) as client:
         _wait_ready(client)
-        start = time.monotonic()
         results = {name: [] for name in SERVED}
-        threads = [_post_in_thread(url, f"/adapters/{name}/process", {"texts": [TEXTS[0]]}, results[name])
+        threads = [_post_in_thread(url, f"/adapters/{name}/process", {"texts": [TEXTS[0]]}, results[name], timeout=150)
                    for name in SERVED]
         for t in threads:
-            t.join(20)
-        assert time.monotonic() - start < 2.5
+            t.join(150)
         for name in SERVED:
             _assert_doc(results[name][0].json()["docs"][0], expected[name][TEXTS[0]])
         assert _metric(client, "ptuning_batch_texts_count") == 1
@@ -712,3 +712,209 @@ def test_spacy_cli_serve_command(adapters_dir, expected, components_file):
             out, _ = proc.communicate()
     assert proc.returncode == 0, out
     assert f"http://127.0.0.1:{port}" in out  # bound to localhost by default
+
+
+# -- hardening: one client never fails another, bounded work, no leaks -----------
+
+
+def test_a_lone_surrogate_is_422_naming_the_text_and_fails_no_other_request(adapters_dir, expected):
+    """Regression: a lone surrogate raised in the tokenizer inside the batch,
+    and every request batched with it got 500."""
+    app = _app(adapters_dir, max_wait_ms=50, preload=["ner", "sentiment"])
+    with running(app) as (url, _), httpx.Client(base_url=url, timeout=20) as client:
+        _wait_ready(client)
+        bad = '{"texts": ["fine", "bad \\ud800 text"]}'
+        good = {k: [] for k in range(6)}
+        threads = [_post_in_thread(url, f"/adapters/{('ner', 'sentiment')[k % 2]}/process", {"texts": [TEXTS[k]]}, good[k])
+                   for k in range(6)]
+        r = client.post("/adapters/ner/process", content=bad, headers={"content-type": "application/json"})
+        assert r.status_code == 422, r.text
+        assert "texts[1]" in r.json()["detail"] and "surrogate" in r.json()["detail"]
+        r = client.post("/process", content='{"items": [{"adapter": "ner", "text": "ok"}, {"adapter": "ner", "text": "\\udfff"}]}',
+                        headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "items[1]" in r.json()["detail"]
+        for k, t in enumerate(threads):
+            t.join(20)
+            assert good[k][0].status_code == 200, good[k][0].text
+            _assert_doc(good[k][0].json()["docs"][0], expected[("ner", "sentiment")[k % 2]][TEXTS[k]])
+
+
+def test_nan_in_a_body_is_422_and_the_connection_stays_usable(server):
+    """Regression: rendering the 422 of {"texts": [NaN]} failed (500) and the
+    keep-alive connection was dropped without Connection: close."""
+    port = int(str(server.base_url).rsplit(":", 1)[1])
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=20,
+                      limits=httpx.Limits(max_connections=1, max_keepalive_connections=1)) as one:
+        for body in ('{"texts": [NaN]}', '{"items": [{"adapter": "ner", "text": Infinity}]}'):
+            path = "/adapters/ner/process" if "texts" in body else "/process"
+            r = one.post(path, content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 422, r.text
+            assert r.headers.get("connection", "") != "close"
+            assert "input" not in r.text and r.json()["detail"][0]["loc"][0] == "body"
+        # The next request goes over the same connection and is answered.
+        r = one.post("/adapters/ner/process", json={"texts": ["alice"]})
+        assert r.status_code == 200
+
+
+def test_a_huge_invalid_body_is_not_echoed(server):
+    r = server.post("/adapters/ner/process", json={"texts": "x" * 15_000})
+    assert r.status_code == 422 and len(r.content) < 1_000
+
+
+def test_a_text_above_the_wordpiece_cap_is_413_naming_it(adapters_dir):
+    app = _app(adapters_dir, max_text_wordpieces=20, preload=["ner"])
+    with running(app) as (url, _), httpx.Client(base_url=url, timeout=20) as client:
+        _wait_ready(client)
+        long = " ".join(["alice visited paris"] * 10)  # 30 wordpieces
+        r = client.post("/adapters/ner/process", json={"texts": ["alice", long]})
+        assert r.status_code == 413 and "texts[1]" in r.json()["detail"] and "--max-text-wordpieces" in r.json()["detail"]
+        huge = "a" * (20 * 64 + 1)  # refused without being tokenised
+        r = client.post("/process", json={"items": [{"adapter": "ner", "text": huge}]})
+        assert r.status_code == 413 and "items[0]" in r.json()["detail"] and "characters" in r.json()["detail"]
+        short = " ".join(["alice visited paris"] * 6)  # 18 wordpieces: within the cap
+        assert client.post("/adapters/ner/process", json={"texts": [short]}).status_code == 200
+
+
+def test_empty_text_is_answered_the_same_alone_and_in_a_batch(server):
+    alone = server.post("/adapters/sentiment/process", json={"texts": [""]}).json()["docs"][0]
+    batched = server.post("/adapters/sentiment/process", json={"texts": ["", *TEXTS]}).json()["docs"][0]
+    mixed = server.post("/process", json={"items": [{"adapter": "ner", "text": TEXTS[0]},
+                                                    {"adapter": "sentiment", "text": ""}]}).json()["results"][1]
+    assert alone["cats"] == batched["cats"] == {k: v for k, v in mixed.items() if k == "cats"}["cats"]
+
+
+def test_slow_clients_are_cut_off_at_the_read_timeout(adapters_dir):
+    """Regression: connections that sent nothing, half the headers or half
+    the body stayed open for the whole test. Their closing is waited for as
+    an event (the socket's end), with a generous bound."""
+    from spacy_ptuning.server import timed_protocol
+
+    app = _app(adapters_dir, read_timeout_s=0.5, preload=["ner"])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http=timed_protocol(0.5)))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        _wait_for(lambda: server.started, timeout=60, what="the server")
+        body = json.dumps({"texts": ["alice"]}).encode()
+        clients = {
+            "nothing": b"",
+            "half headers": b"POST /adapters/ner/process HTTP/1.1\r\nhost: x\r\n",
+            "half body": b"POST /adapters/ner/process HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         + f"content-length: {len(body)}\r\n\r\n".encode() + body[:5],
+        }
+        for what, sent in clients.items():
+            raw = socket.create_connection(("127.0.0.1", port), timeout=60)
+            raw.sendall(sent)
+            got = b""
+            while True:  # until the server closes the connection
+                chunk = raw.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+            raw.close()
+            if what == "half body":
+                assert got.startswith(b"HTTP/1.1 408") and b"--read-timeout" in got, got
+            else:
+                assert got == b"", (what, got)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=20) as client:
+            assert client.post("/adapters/ner/process", json={"texts": ["alice"]}).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def test_no_server_paths_docs_off_and_host_check(adapters_dir, tmp_path):
+    app = _app(adapters_dir, preload=["ner"], allowed_hosts=["127.0.0.1", "localhost"])
+    with running(app) as (url, _), httpx.Client(base_url=url, timeout=20) as client:
+        _wait_ready(client)
+        r = client.post("/adapters/broken/process", json={"texts": ["alice"]})
+        assert r.status_code == 500 and "[PT-E008]" in r.json()["detail"]
+        listing = client.get("/adapters").text
+        for text in (r.text, listing, client.get("/adapters/broken").text):
+            assert str(adapters_dir) not in text and "/tmp/" not in text, text
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert client.get(path).status_code == 404
+        # DNS rebinding: a page of evil.example resolving to 127.0.0.1 sends its own Host.
+        assert client.get("/adapters", headers={"host": "evil.example"}).status_code == 400
+        assert client.get("/health", headers={"host": "localhost:1234"}).status_code == 200
+    with running(_app(adapters_dir, docs=True)) as (url, _), httpx.Client(base_url=url, timeout=20) as client:
+        assert client.get("/openapi.json").status_code == 200
+
+
+def test_api_token_request_ids_and_per_adapter_metrics(adapters_dir):
+    api = "inference-token"
+    app = _app(adapters_dir, api_token=api, admin_token=TOKEN, preload=["ner", "fragile"])
+    with running(app) as (url, _), httpx.Client(base_url=url, timeout=20) as client:
+        _wait_ready(client)  # /ready, /health and /metrics need no token
+        assert client.post("/adapters/ner/process", json={"texts": ["alice"]}).status_code == 401
+        assert client.get("/adapters").status_code == 401
+        assert client.get("/adapters/ner", headers={"authorization": "Bearer wrong"}).status_code == 401
+        auth = {"authorization": f"Bearer {api}"}
+        r = client.post("/adapters/ner/process", json={"texts": ["alice", "bob"]}, headers={**auth, "x-request-id": "req-42"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "req-42"
+        r = client.get("/adapters", headers={"authorization": f"Bearer {TOKEN}"})  # the admin token works too
+        assert r.status_code == 200 and len(r.headers["x-request-id"]) == 32
+        bad_id = client.get("/health", headers={"x-request-id": "x" * 100})
+        assert bad_id.headers["x-request-id"] != "x" * 100  # not a plain token: a new one
+        r = client.post("/process", json={"items": [{"adapter": "fragile", "text": "boom"},
+                                                    {"adapter": "fragile", "text": "alice"}]}, headers=auth)
+        assert r.status_code == 200 and r.json()["errors"] == 1
+        m = _metrics(client)
+        assert m[("ptuning_texts_total", frozenset({"adapter": "ner"}.items()))] == 2
+        # The failed text is not counted as served.
+        assert m[("ptuning_texts_total", frozenset({"adapter": "fragile"}.items()))] == 1
+        assert m[("ptuning_text_failures_total", frozenset({"adapter": "fragile"}.items()))] == 1
+        assert m[("ptuning_adapter_requests_total", frozenset({"adapter": "ner", "status": "200"}.items()))] == 1
+        assert m[("ptuning_adapter_request_seconds_count", frozenset({"adapter": "ner"}.items()))] == 1
+        assert m[("ptuning_queue_seconds_count", frozenset({"adapter": "ner"}.items()))] == 1
+        assert m[("ptuning_compute_seconds_count", frozenset({"adapter": "ner"}.items()))] == 1
+        assert m[("ptuning_adapter_state", frozenset({"adapter": "ner", "state": "READY"}.items()))] == 1
+        assert m[("ptuning_adapter_version", frozenset({"adapter": "ner"}.items()))] == 1
+        client.post("/adapters/broken/process", json={"texts": ["a"]}, headers=auth)
+        assert _metric(client, "ptuning_adapter_state", adapter="broken", state="FAILED") == 1
+
+
+def test_sigterm_drains_ready_503_while_work_finishes(adapters_dir):
+    """The drain phase: after the signal /ready answers 503 and requests
+    (in flight and new) are still answered; then the server stops."""
+    from spacy_ptuning.server import DrainingServer
+
+    app = _app(adapters_dir, preload=["slow", "ner"], drain_s=1.0)
+    state = app.state.ptuning
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = DrainingServer(uvicorn.Config(app, log_level="warning"), state)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        _wait_for(lambda: server.started, timeout=60, what="the server")
+        with httpx.Client(base_url=url, timeout=20) as client:
+            _wait_ready(client)
+            results = []
+            slow = _post_in_thread(url, "/adapters/slow/process", {"texts": ["a good film"]}, results)
+            _wait_for(lambda: _metric(client, "ptuning_queue_texts") == 1, what="the slow request")
+            server.handle_exit(signal.SIGTERM, None)  # as the signal handler would
+            assert client.get("/ready").status_code == 503
+            assert client.post("/adapters/ner/process", json={"texts": ["alice"]}).status_code == 200
+            slow.join(20)
+            assert results[0].status_code == 200
+        thread.join(60)
+        assert not thread.is_alive()
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def test_dtype_option_loads_every_adapter_in_that_dtype(adapters_dir):
+    pool = AdapterPool(adapters_dir, check_interval=None, dtype="bfloat16")
+    nlp = pool.get("ner")
+    (layer,) = find_adapter_layers(nlp.get_pipe("ptuning_ner"))
+    assert layer[2].backbone.model.dtype == torch.bfloat16
+    assert nlp.config["components"]["ptuning_ner"]["model"]["tok2vec"]["dtype"] == "bfloat16"
