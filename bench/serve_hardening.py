@@ -13,11 +13,12 @@ time, every scenario bounded in seconds and requests:
               and errors, the long request's status and time
   broken      8 clients hammer a corrupt adapter while 4 clients use the
               good ones: the good adapters' docs/s and the load attempts
-  overload    open-loop arrivals at 2.3x the rate one server sustains
-              (measured first, closed loop): accepted requests' p50/p99,
-              503s and how long a 503 took
-  threads     --preload all vs lazy loading, with a busy-looping process
-              beside the server ("other load on the machine"): docs/s
+  overload    open-loop arrivals (requests of 8 sentences) at 2.3x the
+              texts/s the "before" server sustains with such requests
+              (measured first, closed loop): accepted requests' p50/p99, 503s and how long a 503 took
+  threads     --preload all vs lazy loading, with --hogs (2) busy-looping
+              processes beside the server ("other load on the machine"):
+              docs/s; and, after, --threads 0 (torch's default threads)
 
 The adapters are MiniLM NER adapters of 64 prefix tokens, initialised, not
 trained (throughput does not depend on the prompt values), plus one whose
@@ -42,6 +43,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+PER_REQUEST = 8  # sentences per request in the overload scenario
 SENTENCES = [
     "EU rejects German call to boycott British lamb .",
     "Peter Blackburn",
@@ -114,8 +116,9 @@ def pct(values, q):
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def closed_loop(url, adapters, clients, seconds, max_requests, timeout=60):
-    """`clients` loops, one sentence per request, to adapters in turn."""
+async def closed_loop(url, adapters, clients, seconds, max_requests, timeout=60, texts_per_request=1):
+    """`clients` loops, `texts_per_request` sentences per request (one by
+    default), to adapters drawn at random; docs/s counts texts."""
     lat, status = [], {}
     end = time.monotonic() + seconds
     sent = [0]
@@ -126,7 +129,8 @@ async def closed_loop(url, adapters, clients, seconds, max_requests, timeout=60)
                 sent[0] += 1
                 t0 = time.monotonic()
                 try:
-                    r = await c.post(f"/adapters/{rng.choice(adapters)}/process", json={"texts": [rng.choice(SENTENCES)]})
+                    r = await c.post(f"/adapters/{rng.choice(adapters)}/process",
+                                     json={"texts": [rng.choice(SENTENCES)] * texts_per_request})
                     code = r.status_code
                 except httpx.HTTPError as e:
                     code = type(e).__name__
@@ -134,18 +138,25 @@ async def closed_loop(url, adapters, clients, seconds, max_requests, timeout=60)
                 status[code] = status.get(code, 0) + 1
         await asyncio.gather(*(one(k) for k in range(clients)))
     ok = [t for t, code in lat if code == 200]
-    return {"docs_s": len(ok) / seconds, "p50": pct(ok, 0.5), "p95": pct(ok, 0.95), "max": max(ok, default=float("nan")), "status": status}
+    return {"docs_s": texts_per_request * len(ok) / seconds, "p50": pct(ok, 0.5), "p95": pct(ok, 0.95),
+            "max": max(ok, default=float("nan")), "status": status}
 
 
 async def long_text(url, adapters, seconds):
     huge = " ".join(["word"] * 198_000)  # ~990 KB
     async with httpx.AsyncClient(base_url=url, timeout=120) as c:
         t0 = time.monotonic()
-        task = asyncio.create_task(c.post(f"/adapters/{adapters[0]}/process", json={"texts": [huge]}))
+        answered = []
+
+        async def send():
+            r = await c.post(f"/adapters/{adapters[0]}/process", json={"texts": [huge]})
+            answered.append((r.status_code, time.monotonic() - t0))
+
+        task = asyncio.create_task(send())
         await asyncio.sleep(0.5)
         small = await closed_loop(url, adapters[1:], 4, seconds, 5000)
-        r = await task
-        return {"long_status": r.status_code, "long_s": time.monotonic() - t0, **small}
+        await task
+        return {"long_status": answered[0][0], "long_s": answered[0][1], **small}
 
 
 async def broken(url, adapters, seconds):
@@ -161,15 +172,16 @@ async def broken(url, adapters, seconds):
     return good
 
 
-async def open_loop(url, adapters, rate, seconds, max_requests):
-    """Poisson arrivals at `rate` req/s, each its own request."""
+async def open_loop(url, adapters, rate, seconds, max_requests, texts_per_request=PER_REQUEST):
+    """Poisson arrivals at `rate` requests/s of `texts_per_request` sentences
+    each (so that one Python client can offer more than the server takes)."""
     rng = random.Random(0)
     results = []
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=2000)) as c:
         async def one(adapter, text):
             t0 = time.monotonic()
             try:
-                r = await c.post(f"/adapters/{adapter}/process", json={"texts": [text]})
+                r = await c.post(f"/adapters/{adapter}/process", json={"texts": [text] * texts_per_request})
                 code = r.status_code
             except httpx.HTTPError as e:
                 code = type(e).__name__
@@ -186,7 +198,7 @@ async def open_loop(url, adapters, rate, seconds, max_requests):
     status = {}
     for code, _ in results:
         status[code] = status.get(code, 0) + 1
-    return {"sent": len(results), "docs_s": len(ok) / seconds, "p50": pct(ok, 0.5), "p99": pct(ok, 0.99),
+    return {"sent": len(results), "docs_s": texts_per_request * len(ok) / seconds, "p50": pct(ok, 0.5), "p99": pct(ok, 0.99),
             "n503": len(busy), "p99_503": pct(busy, 0.99), "status": status}
 
 
@@ -195,6 +207,8 @@ def main():
     ap.add_argument("--before", default="dafce91", help="git ref of the 'before' version")
     ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--adapters", type=int, default=4)
+    ap.add_argument("--hogs", type=int, default=2, help="busy-looping processes beside the server in the threads scenario")
+    ap.add_argument("--only", nargs="*", default=["capacity", "long-text", "broken", "overload", "threads"])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -210,42 +224,48 @@ def main():
         for version, src in versions.items():
             print(f"== {version} ({src})", flush=True)
             row = rows[version] = {}
-            s = Server(src, folder, ["--preload", ",".join(good)])
-            s.wait_ready()
-            try:
-                asyncio.run(closed_loop(s.url, good, 8, 3, 500))  # warm
-                row["capacity"] = asyncio.run(closed_loop(s.url, good, 8, args.seconds, 20000))
-                row["long-text"] = asyncio.run(long_text(s.url, good, args.seconds))
-            finally:
-                s.stop()
-            s = Server(src, folder, ["--preload", ",".join(good)])
-            s.wait_ready()
-            try:
-                row["broken"] = asyncio.run(broken(s.url, good, args.seconds))
-                row["broken"]["load_attempts"] = s.metric("ptuning_adapter_load_failures_total")
-            finally:
-                s.stop()
-            rate = 2.3 * rows["before"]["capacity"]["docs_s"]  # the same offered load for both
-            s = Server(src, folder, ["--preload", ",".join(good)])
-            s.wait_ready()
-            try:
-                asyncio.run(closed_loop(s.url, good, 8, 2, 300))
-                row["overload"] = asyncio.run(open_loop(s.url, good, rate, args.seconds, int(rate * args.seconds) + 10))
-                row["overload"]["offered"] = rate
-            finally:
-                s.stop()
-            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-            try:
-                for mode, extra in (("preload all", ["--preload", "all", "--max-loaded", str(args.adapters)]), ("lazy", [])):
-                    s = Server(src, folder, extra)
-                    s.wait_ready()
-                    try:
-                        asyncio.run(closed_loop(s.url, good, 8, 3, 500))
-                        row[f"threads: {mode}"] = asyncio.run(closed_loop(s.url, good, 8, args.seconds, 20000))
-                    finally:
-                        s.stop()
-            finally:
-                hog.kill()
+            preload = ["--preload", ",".join(good)]
+
+            def run(extra, fn):
+                server = Server(src, folder, extra)
+                try:
+                    server.wait_ready()
+                    asyncio.run(closed_loop(server.url, good, 8, 3, 500))  # warm
+                    return fn(server)
+                finally:
+                    server.stop()
+
+            if "capacity" in args.only or "long-text" in args.only:
+                row["capacity"] = run(preload, lambda s: asyncio.run(closed_loop(s.url, good, 8, args.seconds, 20000)))
+            if "long-text" in args.only:
+                row["long-text"] = run(preload, lambda s: asyncio.run(long_text(s.url, good, args.seconds)))
+            if "broken" in args.only:
+                def hammered(s):
+                    out = asyncio.run(broken(s.url, good, args.seconds))
+                    out["load_attempts"] = s.metric("ptuning_adapter_load_failures_total")
+                    return out
+
+                row["broken"] = run(preload, hammered)
+            if "overload" in args.only:
+                def overloaded(s):
+                    row["capacity-8"] = asyncio.run(closed_loop(s.url, good, 8, args.seconds, 20000, texts_per_request=PER_REQUEST))
+                    rate = 2.3 * rows["before"]["capacity-8"]["docs_s"] / PER_REQUEST  # requests/s, the same for both
+                    out = asyncio.run(open_loop(s.url, good, rate, args.seconds, int(rate * args.seconds) + 10))
+                    out["offered"] = rate
+                    return out
+
+                row["overload"] = run(preload, overloaded)
+            if "threads" in args.only:
+                hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.hogs)]
+                try:
+                    modes = [("preload all", ["--preload", "all", "--max-loaded", str(args.adapters)]), ("lazy", [])]
+                    if version == "after":
+                        modes.append(("preload all, --threads 0", modes[0][1] + ["--threads", "0"]))
+                    for mode, extra in modes:
+                        row[f"threads: {mode}"] = run(extra, lambda s: asyncio.run(closed_loop(s.url, good, 8, args.seconds, 20000)))
+                finally:
+                    for hog in hogs:
+                        hog.kill()
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "src")], check=False)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -270,13 +290,15 @@ def main():
     line("long-text", "small requests: statuses", lambda r: r["status"])
     line("broken", "good adapters: docs/s", lambda r: f1(r["docs_s"]))
     line("broken", "load attempts of the broken adapter", lambda r: int(r["load_attempts"]))
-    line("overload", "offered req/s (2.3x before's capacity)", lambda r: f1(r["offered"]))
+    line("capacity-8", f"docs/s ({PER_REQUEST} sentences a request, 8 clients)", lambda r: f1(r["docs_s"]))
+    line("overload", f"offered texts/s (2.3x before's capacity; {PER_REQUEST} a request)", lambda r: f1(r["offered"] * PER_REQUEST))
     line("overload", "answered docs/s", lambda r: f1(r["docs_s"]))
     line("overload", "accepted: p50 / p99", lambda r: f"{ms(r['p50'])} / {ms(r['p99'])}")
     line("overload", "503s; p99 time to a 503", lambda r: f"{r['n503']}; {ms(r['p99_503'])}")
     line("overload", "statuses", lambda r: r["status"])
-    line("threads: preload all", "docs/s beside a busy loop", lambda r: f1(r["docs_s"]))
-    line("threads: lazy", "docs/s beside a busy loop", lambda r: f1(r["docs_s"]))
+    line("threads: preload all", "docs/s beside busy loops", lambda r: f1(r["docs_s"]))
+    line("threads: lazy", "docs/s beside busy loops", lambda r: f1(r["docs_s"]))
+    line("threads: preload all, --threads 0", "docs/s beside a busy loop (torch's default threads)", lambda r: f1(r["docs_s"]))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ class ServeConfig:
     max_batch_texts: int = _opt(64, "Most texts in one batch (a larger request is split over several)")
     max_batch_tokens: int = _opt(4096, "Most wordpieces in one batch and in one backbone pass (a longer text runs alone)")
     max_queue: int = _opt(1024, "Most texts accepted and not yet answered; 503 with Retry-After beyond")
-    max_queue_wait_s: float = _opt(5.0, "Most seconds of work (queued wordpieces / measured rate) a new request may queue behind; 503 with Retry-After beyond", "--max-queue-wait")
+    max_queue_wait_s: float = _opt(2.0, "Most seconds of work (queued wordpieces / measured rate) a new request may queue behind; 503 with Retry-After beyond", "--max-queue-wait")
     timeout_s: float = _opt(30.0, "Seconds a request may wait for its result; 504 beyond (its texts not yet started are dropped)", "--timeout")
     max_items: int = _opt(512, "Most texts/items in one request; 413 beyond")
     max_chars: int = _opt(1_000_000, "Most characters of text in one request; 413 beyond")
