@@ -174,7 +174,8 @@ class Batcher:
         self._oldest: "deque[Tuple[float, Job]]" = deque()  # arrival order, for the gathering wait
         self._pending = 0  # texts accepted, not yet answered (waiting or running)
         self._pending_cost = 0  # their wordpieces
-        self._rate: Optional[float] = None  # wordpieces per second, measured
+        self._rate: Optional[float] = None  # wordpieces per second, measured under backlog
+        self._backlogged = False  # whether texts were left waiting when the last batch was taken
         self._closing = False
         self._thread: Optional[threading.Thread] = None
 
@@ -187,7 +188,14 @@ class Batcher:
 
     @property
     def rate(self) -> Optional[float]:
-        """Wordpieces per second of the recent batches (None before the first)."""
+        """Wordpieces per second of the recent batches that ran with work
+        still waiting (None before the first such batch).
+
+        Only those: the rate that decides how long queued work takes is the
+        rate under backlog; a lone small batch runs below it (its fixed costs
+        dominate), and would make a burst after an idle spell look slower
+        than it is. Until a backlogged batch has been measured, admission is
+        by ``max_queue`` alone."""
         return self._rate
 
     def expected_wait(self, extra_cost: int = 0) -> Optional[float]:
@@ -218,31 +226,18 @@ class Batcher:
 
     # -- admission -------------------------------------------------------------
 
+    def admit(self, n: int, cost: int) -> None:
+        """Raise :class:`QueueFull` (or :class:`ShuttingDown`) if a request of
+        ``n`` texts and ``cost`` wordpieces would be refused now: for a front
+        end to refuse before it loads adapters or counts wordpieces."""
+        with self._cond:
+            self._admit(n, cost)
+
     def submit(self, job: Job) -> None:
         """Queue a job; raises :class:`QueueFull` or :class:`ShuttingDown`."""
         n, cost = len(job.work), job.cost
-        config = self.config
         with self._cond:
-            if self._closing:
-                raise ShuttingDown("The server is shutting down.")
-            # A request larger than the whole queue is accepted when the queue
-            # is empty (it is within max_items), never on top of others.
-            if self._pending and self._pending + n > config.max_queue:
-                raise QueueFull(
-                    f"The server is busy: {self._pending} texts are waiting (--max-queue "
-                    f"{config.max_queue}). Retry after {config.retry_after_s} s.",
-                    config.retry_after_s,
-                )
-            wait = self.expected_wait(cost)
-            limit = config.max_queue_wait_s
-            if self._pending and wait is not None and wait > limit:
-                retry = max(config.retry_after_s, math.ceil(wait - limit))
-                raise QueueFull(
-                    f"The server is busy: the work queued now takes about {wait:.1f} s at "
-                    f"{self._rate:.0f} wordpieces/s (--max-queue-wait {limit:g} s). "
-                    f"Retry after {retry} s.",
-                    retry,
-                )
+            self._admit(n, cost)
             for i, (name, _, _) in enumerate(job.work):
                 self._queues.setdefault(name, deque()).append((job, i))
             job.queued = n
@@ -252,6 +247,29 @@ class Batcher:
             self._pending += n
             self._pending_cost += cost
             self._cond.notify_all()
+
+    def _admit(self, n: int, cost: int) -> None:
+        config = self.config
+        if self._closing:
+            raise ShuttingDown("The server is shutting down.")
+        # A request larger than the whole queue is accepted when the queue
+        # is empty (it is within max_items), never on top of others.
+        if self._pending and self._pending + n > config.max_queue:
+            raise QueueFull(
+                f"The server is busy: {self._pending} texts are waiting (--max-queue "
+                f"{config.max_queue}). Retry after {config.retry_after_s} s.",
+                config.retry_after_s,
+            )
+        wait = self.expected_wait(cost)
+        limit = config.max_queue_wait_s
+        if self._pending and wait is not None and wait > limit:
+            retry = max(config.retry_after_s, math.ceil(wait - limit))
+            raise QueueFull(
+                f"The server is busy: the work queued now takes about {wait:.1f} s at "
+                f"{self._rate:.0f} wordpieces/s (--max-queue-wait {limit:g} s). "
+                f"Retry after {retry} s.",
+                retry,
+            )
 
     # -- the worker ------------------------------------------------------------
 
@@ -304,6 +322,7 @@ class Batcher:
                 self._queues.move_to_end(name)  # the next text comes from the next adapter
             else:
                 del self._queues[name]
+        self._backlogged = self._waiting > 0
         return batch
 
     def _drop(self, job: Job, index: int) -> None:
@@ -337,7 +356,7 @@ class Batcher:
                 results.append(self._describe(e))
         seconds = self._clock() - start
         cost = sum(job.costs[i] for job, i in batch)
-        if seconds > 0:
+        if seconds > 0 and self._backlogged:
             rate = cost / seconds
             self._rate = rate if self._rate is None else 0.7 * self._rate + 0.3 * rate
         if self.observer:

@@ -72,7 +72,7 @@ from .api import (
     AdapterPathIn, ItemsIn, RequestError, TextsIn, check_texts, doc_json, pipeline_batcher,
     public_message, request_error, scrub, wordpiece_costs,
 )
-from .batcher import Batcher, Job, QueueFull, ShuttingDown
+from .batcher import Batcher, Job, QueueFull, ShuttingDown, estimate_wordpieces
 from .errors import Errors
 from .pool import AdapterLoadFailed, AdapterPool, InvalidAdapterName, UnknownAdapter
 
@@ -613,7 +613,8 @@ async def _answer(
     error message per item; and the number of errors."""
     config = state.config
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + config.timeout_s
+    start = loop.time()
+    deadline = start + config.timeout_s
     names = list(dict.fromkeys(name for name, _ in items))
     label = names[0] if len(names) == 1 else MIXED
     request.scope["state"]["access"] = {"adapter": label, "texts": len(items)}
@@ -621,6 +622,11 @@ async def _answer(
     try:
         try:
             check_texts(config, [t for _, t in items], "items" if mixed else "texts")
+            try:  # refuse an overloaded server's requests before loading or tokenising anything
+                state.batcher.admit(len(items), sum(estimate_wordpieces(t) for _, t in items))
+            except (QueueFull, ShuttingDown) as e:
+                state.metrics.rejected.inc()
+                raise request_error(e)
             try:
                 resolved, costs = await asyncio.wait_for(
                     loop.run_in_executor(state.loader, state.resolve, names, items, "items" if mixed else "texts"), timeout=config.timeout_s)
@@ -659,7 +665,7 @@ async def _answer(
         raise
     finally:
         state.metrics.adapter_requests.labels(label, str(status[0])).inc()
-        state.metrics.adapter_latency.labels(label).observe(config.timeout_s - max(0.0, deadline - loop.time()))
+        state.metrics.adapter_latency.labels(label).observe(loop.time() - start)
 
 
 async def _wait(state: _State, request: Request, job: Job, deadline: float) -> list:

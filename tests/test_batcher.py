@@ -171,27 +171,54 @@ def test_admission_by_expected_wait_at_the_measured_rate():
     clock = Clock()
 
     class TimedRunner(Runner):
+        """Each text costs its length in wordpieces; 100 wordpieces take one
+        (fake) second."""
+
         def __call__(self, items, stats):
             out = super().__call__(items, stats)
-            clock.now += 1.0  # every batch takes one (fake) second
+            clock.now += sum(len(text) for _, text in items) / 100
             return out
 
-    config = Config(max_batch_texts=100, max_queue_wait_s=2.0, retry_after_s=1)
+    def job(name, cost):
+        return _job(name, ["x" * cost], costs=[cost])
+
+    config = Config(max_batch_texts=1, max_queue_wait_s=2.0, retry_after_s=1)
     batcher, runner = _batcher(config, TimedRunner(), clock)
     batcher.start()
-    first = _job("a", ["x"], costs=[100])  # measures 100 wordpieces/s
+    lone = job("a", 10)
+    batcher.submit(lone)
+    lone.wait(WAIT)
+    assert batcher.rate is None  # a batch with nothing waiting behind it is not the rate under load
+    blocker = _hold(batcher, runner)
+    first = job("a", 50)
     batcher.submit(first)
-    first.wait(WAIT)
+    batcher.submit(job("b", 10_000))  # no rate yet: admitted by count alone
+    runner.gate.set()
+    first.wait(WAIT)  # ran with b waiting behind it: 100 wordpieces/s
+    _wait_until(lambda: batcher.pending == 0)
     assert batcher.rate == pytest.approx(100.0)
     blocker = _hold(batcher, runner)  # 3 wordpieces (estimated) now in flight
-    batcher.submit(_job("b", ["y"], costs=[150]))  # 1.53 s of work: admitted
+    batcher.submit(job("b", 150))  # 1.53 s of work: admitted
     with pytest.raises(QueueFull, match=r"about 2\.5 s at 100 wordpieces/s.*--max-queue-wait 2 s") as e:
-        batcher.submit(_job("c", ["z"], costs=[100]))
+        batcher.submit(job("c", 100))
     assert e.value.retry_after == 1
-    batcher.submit(_job("c", ["z"], costs=[40]))  # 1.93 s: still within the limit
+    batcher.submit(job("c", 40))  # 1.93 s: still within the limit
     runner.gate.set()
     blocker.wait(WAIT)
     batcher.close(WAIT)
+
+
+def _wait_until(predicate):
+    done = threading.Event()
+
+    def poll():
+        while not predicate():
+            done.wait(0.005)
+        done.set()
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    assert done.wait(WAIT)
 
 
 def test_queue_count_limit_and_shutdown():

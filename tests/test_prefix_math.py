@@ -204,3 +204,27 @@ def test_input_prompts_equal_the_backbone_run_on_extra_tokens(any_tiny_backbone,
     assert torch.allclose(ours[real], expected[real], atol=1e-5), (ours[real] - expected[real]).abs().max()
     # The prompts really take part (the reference is not trivially the plain run).
     assert (expected[real] - alone[real]).abs().max() > 1e-2
+
+
+def test_injection_guard_turns_a_wrong_projection_count_into_an_error(tiny_bert):
+    """The call-count guard: a forward that runs each layer's key and value
+    projection once passes; one that skips some or all of them (as a
+    transformers version computing attention another way would) is an
+    error, not silently unprefixed output."""
+    from spacy_ptuning.injection import injected_prefix
+
+    backbone = load_backbone(tiny_bert, dtype="float32")
+    ids, mask, types = _encode(backbone, TEXTS[:1])
+    prefix = [(torch.zeros(1, 2, backbone.kv_width), torch.zeros(1, 2, backbone.kv_width))] * backbone.num_layers
+    full_mask = torch.cat([torch.ones(1, 2, dtype=mask.dtype), mask], dim=1)
+    with torch.no_grad():
+        with injected_prefix(backbone, prefix):
+            backbone.model(input_ids=ids, attention_mask=full_mask, token_type_ids=types)
+        with pytest.raises(RuntimeError, match=r"ran \[0, 0\] key/value projections for 2 layers"):
+            with injected_prefix(backbone, prefix):
+                pass
+        # Only the first layer's key projection ran (the others bypassed).
+        hidden = backbone.model.embeddings(input_ids=ids, token_type_ids=types)
+        with pytest.raises(RuntimeError, match=r"ran \[1, 0\] key/value projections"):
+            with injected_prefix(backbone, prefix):
+                backbone.model.encoder.layer[0].attention.self.key(hidden)
