@@ -55,6 +55,7 @@ ADAPTERS = [  # name, task, method, virtual tokens
     ("sst-p1-20", "textcat", "prompt_encoder", 20),
 ]
 FACTORY = {"ner": "ptuning_ner", "textcat": "ptuning_textcat"}
+SERVER_ARGS: List[str] = []  # --server-args: more options for every server started
 
 
 def build_adapters(out: Path, data_dir: Path, rebuild: bool) -> Dict[str, Path]:
@@ -102,7 +103,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "spacy", "ptuning", "serve", str(folder), "--port", str(self.port),
                "--batching", batching, "--max-loaded", str(max_loaded), "--log-level", "warning",
-               "--check-interval", "-1", *extra]
+               "--check-interval", "-1", *extra, *SERVER_ARGS]
         if preload:
             cmd += ["--preload", preload]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -254,7 +255,9 @@ def main() -> None:
     p.add_argument("--modes", default="mixed,per_adapter,st,one,churn,overload")
     p.add_argument("--rebuild", action="store_true")
     p.add_argument("--out-dir", type=Path, default=common.RESULTS)
+    p.add_argument("--server-args", default="", help="more options for every server, e.g. '--threads 0'")
     args = p.parse_args()
+    SERVER_ARGS.extend(args.server_args.split())
     import spacy
 
     vocab = spacy.blank("en").vocab

@@ -918,3 +918,16 @@ def test_dtype_option_loads_every_adapter_in_that_dtype(adapters_dir):
     (layer,) = find_adapter_layers(nlp.get_pipe("ptuning_ner"))
     assert layer[2].backbone.model.dtype == torch.bfloat16
     assert nlp.config["components"]["ptuning_ner"]["model"]["tok2vec"]["dtype"] == "bfloat16"
+
+
+def test_one_json_access_log_line_per_request_with_its_id(server, caplog):
+    caplog.set_level("INFO", logger="spacy_ptuning.access")
+    r = server.post("/adapters/ner/process", json={"texts": ["alice", "bob"]}, headers={"x-request-id": "abc-1"})
+    assert r.status_code == 200
+    server.get("/adapters/nope")
+    lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "spacy_ptuning.access"]
+    mine = [line for line in lines if line["request_id"] == "abc-1"]
+    assert len(mine) == 1
+    assert mine[0]["path"] == "/adapters/{name}/process" and mine[0]["status"] == 200
+    assert mine[0]["adapter"] == "ner" and mine[0]["texts"] == 2 and mine[0]["seconds"] >= 0
+    assert any(line["status"] == 404 and line["path"] == "/adapters/{name}" for line in lines)
