@@ -74,7 +74,13 @@ from .api import (
 )
 from .batcher import Batcher, Job, QueueFull, ShuttingDown, estimate_wordpieces
 from .errors import Errors
-from .pool import AdapterLoadFailed, AdapterPool, InvalidAdapterName, UnknownAdapter
+from .pool import AdapterPool, InvalidAdapterName, UnknownAdapter
+
+__all__ = [  # doc_json, BATCHING, DTYPES, config_fields: re-exported for code that imported them from here
+    "ServeConfig", "config_fields", "BATCHING", "DTYPES", "create_app", "serve", "set_threads",
+    "timed_protocol", "DrainingServer", "doc_json", "check_size", "describe_error", "public_info",
+    "install_error_handlers",
+]
 
 logger = logging.getLogger("spacy_ptuning.server")
 access_logger = logging.getLogger("spacy_ptuning.access")

@@ -5,7 +5,6 @@ import copy
 import hashlib
 import math
 import shutil
-import time
 
 import numpy
 import pytest

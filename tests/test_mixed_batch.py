@@ -2,13 +2,12 @@
 give what each pipeline gives alone."""
 import numpy
 import pytest
-import spacy
 import torch
-from spacy.training import Example
-from spacy.util import fix_random_seed
 
 from spacy_ptuning.mixed_batch import MixedStats, _mixed_vectors, pipe_mixed
 from spacy_ptuning.transformer_model import find_adapter_layers
+
+from .helpers import pipeline as _pipeline
 
 TEXTS = [
     "alice visited paris today",
@@ -18,35 +17,6 @@ TEXTS = [
     "the plot was awful and the actor was terrible , really bad movie yesterday",
     "oslo",
 ]
-
-
-def _pipeline(backbone, factory, method, n, seed, dtype="float32"):
-    fix_random_seed(seed)
-    nlp = spacy.blank("en")
-    # float32: mixed batches equal each pipeline alone to 1e-5 there; in
-    # bfloat16 (what "auto" picks on some CPUs) only to its rounding.
-    tok2vec = {"@architectures": "spacy_ptuning.PTuningTransformer.v1", "backbone": backbone,
-               "method": method, "num_virtual_tokens": n, "dtype": dtype}
-    factories = [factory] if isinstance(factory, str) else factory
-    for f in factories:
-        nlp.add_pipe(f, config={"model": {"tok2vec": tok2vec}})
-    examples = []
-    for text in ("alice visited paris", "a good film", "bob hated rome"):
-        doc = nlp.make_doc(text)
-        ann = {}
-        if "ptuning_ner" in factories:
-            ann["entities"] = [(0, len(text.split()[0]), "PER")]
-        if "ptuning_textcat" in factories:
-            ann["cats"] = {"POS": float("good" in text), "NEG": float("good" not in text)}
-        examples.append(Example.from_dict(doc, ann))
-    nlp.initialize(lambda: examples)
-    gen = torch.Generator().manual_seed(seed)
-    for _, pipe in nlp.pipeline:  # prompts far from their initialisation
-        for _, _, adapter in find_adapter_layers(pipe):
-            with torch.no_grad():
-                for p in adapter.parameters():
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return nlp
 
 
 @pytest.fixture(params=["tiny_bert"])

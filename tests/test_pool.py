@@ -9,7 +9,7 @@ import spacy
 from spacy_ptuning.pool import AdapterLoadFailed, AdapterPool, InvalidAdapterName, UnknownAdapter
 from spacy_ptuning.transformer_model import find_adapter_layers
 
-from .test_mixed_batch import _pipeline
+from .helpers import pipeline as _pipeline
 
 TEXT = "alice visited paris with bob"
 

@@ -2,6 +2,7 @@
 routing, a replica killed mid-run) and Ray Data batch annotation, on a local
 Ray instance started here (2 CPUs), against in-process predictions."""
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from spacy_ptuning.pool import AdapterPool  # noqa: E402
 from spacy_ptuning.server import ServeConfig, create_app  # noqa: E402
-from tests.test_server import TEXTS, _assert_doc, _pipeline  # noqa: E402
+from tests.helpers import TEXTS, assert_doc as _assert_doc, pipeline as _pipeline  # noqa: E402
 
 SERVED = ["ner", "sentiment", "topics", "multi"]
 APP = "ptuning"
@@ -60,6 +61,11 @@ def expected(nlps):
 
 @pytest.fixture(scope="module")
 def ray_local():
+    # Serve's proxy must answer its readiness check within 5 s (doubling on
+    # each try) or it is restarted: with every core busy it never became
+    # ready. Generous bounds, read by Ray's processes, which inherit them.
+    for key in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+        os.environ.setdefault(key, "120")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=150 * 1024**2)
     yield
     ray.shutdown()

@@ -16,21 +16,13 @@ import spacy
 import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
-from spacy.training import Example
-from spacy.util import fix_random_seed
 
 from spacy_ptuning.pool import AdapterPool
 from spacy_ptuning.server import ServeConfig, create_app
 from spacy_ptuning.transformer_model import find_adapter_layers
 
-TEXTS = [
-    "alice visited paris today",
-    "a good film , said bob in london",
-    "carol met dave",
-    "the plot was awful and the actor was terrible , really bad movie yesterday",
-    "oslo",
-    "bob works at acme in london",
-]
+from .helpers import TEXTS, assert_doc as _assert_doc, pipeline as _pipeline
+
 SERVED = ["multi", "ner", "sentiment", "topics"]  # the adapters that work
 TOKEN = "s3cret-token"
 SLOW_SECONDS = 0.6
@@ -81,33 +73,6 @@ def components_file(tmp_path_factory):
     path.write_text(COMPONENTS)
     import_code(path)
     return path
-
-
-def _pipeline(backbone, factories, method, n, seed, dtype="float32"):
-    fix_random_seed(seed)
-    nlp = spacy.blank("en")
-    # float32: mixed batches equal each pipeline alone to 1e-5 there; in
-    # bfloat16 (what "auto" picks on some CPUs) only to its rounding.
-    tok2vec = {"@architectures": "spacy_ptuning.PTuningTransformer.v1", "backbone": backbone,
-               "method": method, "num_virtual_tokens": n, "dtype": dtype}
-    for f in factories:
-        nlp.add_pipe(f, config={"model": {"tok2vec": tok2vec}})
-    examples = []
-    for text in ("alice visited paris", "a good film", "bob hated rome"):
-        ann = {}
-        if "ptuning_ner" in factories:
-            ann["entities"] = [(0, len(text.split()[0]), "PER")]
-        if any(f.startswith("ptuning_textcat") for f in factories):
-            ann["cats"] = {"POS": float("good" in text), "NEG": float("good" not in text)}
-        examples.append(Example.from_dict(nlp.make_doc(text), ann))
-    nlp.initialize(lambda: examples)
-    gen = torch.Generator().manual_seed(seed)
-    for _, pipe in nlp.pipeline:  # prompts far from their initialisation: non-trivial predictions
-        for _, _, adapter in find_adapter_layers(pipe):
-            with torch.no_grad():
-                for p in adapter.parameters():
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return nlp
 
 
 @pytest.fixture(scope="module")
@@ -220,16 +185,6 @@ def _wait_for(predicate, timeout=120, what="condition"):
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
-
-
-def _assert_doc(got, doc):
-    """A served Doc.to_json equals the in-process doc: same entities (char
-    offsets, labels), same cats within 1e-5."""
-    assert got["text"] == doc.text
-    assert got["ents"] == [{"start": e.start_char, "end": e.end_char, "label": e.label_} for e in doc.ents]
-    assert got["cats"].keys() == doc.cats.keys()
-    for label, score in doc.cats.items():
-        assert got["cats"][label] == pytest.approx(score, abs=1e-5)
 
 
 # -- endpoints ---------------------------------------------------------------

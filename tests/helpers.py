@@ -1,0 +1,62 @@
+"""What several test modules share: one pipeline builder, the texts the
+serving tests send, and the comparison of a served doc with an in-process
+one. (Test modules import this, never each other.)"""
+import pytest
+import spacy
+import torch
+from spacy.training import Example
+from spacy.util import fix_random_seed
+
+from spacy_ptuning.transformer_model import find_adapter_layers
+
+TEXTS = [
+    "alice visited paris today",
+    "a good film , said bob in london",
+    "carol met dave",
+    "the plot was awful and the actor was terrible , really bad movie yesterday",
+    "oslo",
+    "bob works at acme in london",
+]
+
+
+def pipeline(backbone, factories, method, n, seed, dtype="float32"):
+    """A pipeline of spacy-ptuning components (one factory name or a list)
+    over one backbone, initialised on three examples, its prompts then set
+    far from their initialisation (non-trivial predictions).
+
+    float32 by default: mixed batches equal each pipeline alone to 1e-5
+    there; in bfloat16 (what "auto" picks on some CPUs) only to its rounding.
+    """
+    factories = [factories] if isinstance(factories, str) else list(factories)
+    fix_random_seed(seed)
+    nlp = spacy.blank("en")
+    tok2vec = {"@architectures": "spacy_ptuning.PTuningTransformer.v1", "backbone": backbone,
+               "method": method, "num_virtual_tokens": n, "dtype": dtype}
+    for f in factories:
+        nlp.add_pipe(f, config={"model": {"tok2vec": tok2vec}})
+    examples = []
+    for text in ("alice visited paris", "a good film", "bob hated rome"):
+        ann = {}
+        if "ptuning_ner" in factories:
+            ann["entities"] = [(0, len(text.split()[0]), "PER")]
+        if any(f.startswith("ptuning_textcat") for f in factories):
+            ann["cats"] = {"POS": float("good" in text), "NEG": float("good" not in text)}
+        examples.append(Example.from_dict(nlp.make_doc(text), ann))
+    nlp.initialize(lambda: examples)
+    gen = torch.Generator().manual_seed(seed)
+    for _, pipe in nlp.pipeline:
+        for _, _, adapter in find_adapter_layers(pipe):
+            with torch.no_grad():
+                for p in adapter.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return nlp
+
+
+def assert_doc(got, doc):
+    """A served Doc.to_json equals the in-process doc: same entities (char
+    offsets, labels), same cats within 1e-5."""
+    assert got["text"] == doc.text
+    assert got["ents"] == [{"start": e.start_char, "end": e.end_char, "label": e.label_} for e in doc.ents]
+    assert got["cats"].keys() == doc.cats.keys()
+    for label, score in doc.cats.items():
+        assert got["cats"][label] == pytest.approx(score, abs=1e-5)
