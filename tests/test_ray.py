@@ -99,9 +99,12 @@ class TestServe:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # Two replicas of half a CPU each (the Ray Data tests get the rest),
         # two adapters per replica: four adapters fit only if routing places them.
+        # timeout_s bounds a broken replica only: with both cores busy a
+        # replica's first request (its first load) took more than 30 s, and
+        # max_queue_wait_s would refuse work at a starved replica's rate.
         serve.run(
             build_app({"adapters_dir": str(adapters_dir), "num_replicas": "2", "max_models": "2",
-                       "num_cpus": "0.5", "max_wait_ms": "5", "timeout_s": "30", "check_interval": "-1",
+                       "num_cpus": "0.5", "max_wait_ms": "5", "timeout_s": "240", "check_interval": "-1",
                        "max_items": "5000", "max_queue": "8000"}),
             name=APP, route_prefix="/",
         )
@@ -111,7 +114,7 @@ class TestServe:
     @pytest.fixture(scope="class")
     @classmethod
     def client(cls, url):
-        with httpx.Client(base_url=url, timeout=60) as c:
+        with httpx.Client(base_url=url, timeout=300) as c:
             yield c
 
     @pytest.fixture(scope="class")
