@@ -104,7 +104,7 @@ class TestServe:
         # max_queue_wait_s would refuse work at a starved replica's rate.
         serve.run(
             build_app({"adapters_dir": str(adapters_dir), "num_replicas": "2", "max_models": "2",
-                       "num_cpus": "0.5", "max_wait_ms": "5", "timeout_s": "240", "check_interval": "-1",
+                       "num_cpus": "0.5", "max_wait_ms": "5", "timeout_s": "240", "max_queue_wait_s": "240", "check_interval": "-1",
                        "max_items": "5000", "max_queue": "8000"}),
             name=APP, route_prefix="/",
         )
