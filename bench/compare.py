@@ -60,6 +60,7 @@ class SpacySystem:
                 f"{tok2vec}.backbone": cfg["backbone"], "training.optimizer.learn_rate.initial_rate": cfg["lr"],
                 "training.seed": cfg["seed"], "system.seed": cfg["seed"],
                 **{f"{tok2vec}.{k}": cfg[k] for k in ("prefix_projection", "dtype") if k in cfg},
+                **common.v2_overrides(tok2vec, cfg),
             }, cfg["seed"])
             self.dropout = T["dropout"]
             oc = config["training"]["optimizer"]

@@ -15,6 +15,7 @@ import torch
 from .backbone import Backbone, load_backbone
 from .errors import ConfigError, Errors
 from .injection import injected_prefix
+from .layer_mix import ScalarMix, resolve_layers
 from .prompts import METHODS, Method
 
 # Input-prompt methods must leave at least this many positions for the text
@@ -85,6 +86,7 @@ class Adapter(torch.nn.Module):
         prompt_encoder: str = "lstm",
         prompt_dropout: float = 0.0,
         max_batch_tokens: int = 4096,
+        layer_mix: Optional[List[int]] = None,
     ):
         super().__init__()
         options = {"prefix_projection": prefix_projection, "prompt_encoder": prompt_encoder}
@@ -98,6 +100,10 @@ class Adapter(torch.nn.Module):
         self.input_prompts = spec.input_prompts
         self.num_virtual_tokens = num_virtual_tokens
         self.prompts: torch.nn.Module = spec.build(backbone, num_virtual_tokens, options, prompt_dropout)
+        # The hidden states read out (layer_mix.py); None: the last layer alone,
+        # and no parameter (adapters saved before the mix load unchanged).
+        layers = resolve_layers(layer_mix, backbone.num_layers)
+        self.mix: Optional[ScalarMix] = ScalarMix(layers) if layers is not None else None
         self._prompt_cache: Optional[tuple] = None
         self.to(backbone.device)
 
@@ -252,16 +258,32 @@ class Adapter(torch.nn.Module):
             if not self.backbone.family.mask_includes_prefix:
                 mask = attention_mask
             with injected_prefix(self.backbone, self.prompt_values(batch_size)):
-                output = model(input_ids=input_ids, attention_mask=mask, **extra)
-            return output.last_hidden_state.float()
+                output = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=self.mix is not None, **extra)
+            return self.read_hidden(output)
         embeds = model.get_input_embeddings()(input_ids)
         virtual = self.prompt_values(batch_size)
         if token_type_ids is not None and self.backbone.takes_token_types:
             zeros = token_type_ids.new_zeros((batch_size, P))
             extra["token_type_ids"] = torch.cat([zeros, token_type_ids], dim=1)
-        output = model(inputs_embeds=torch.cat([virtual, embeds], dim=1), attention_mask=mask, **extra)
+        output = model(
+            inputs_embeds=torch.cat([virtual, embeds], dim=1),
+            attention_mask=mask,
+            output_hidden_states=self.mix is not None,
+            **extra,
+        )
         # Drop the virtual positions before alignment to spaCy tokens.
-        return output.last_hidden_state[:, P:].float()
+        return self.read_hidden(output)[:, P:]
+
+    def read_hidden(self, output, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """This adapter's token vectors from a backbone pass, float32: its
+        mix of hidden states (the pass must have been run with
+        ``output_hidden_states``), or the last layer. ``rows``: only these
+        rows of the pass (a mixed-adapter pass reads each adapter's rows)."""
+        if self.mix is None:
+            hidden = output.last_hidden_state
+            return (hidden if rows is None else hidden[rows]).float()
+        states = output.hidden_states if rows is None else [h[rows] for h in output.hidden_states]
+        return self.mix(states)
 
 
 def length_groups(lengths: List[int], max_tokens: int, max_ratio: float = 1.5) -> List[List[int]]:

@@ -13,13 +13,14 @@ from spacy.util import registry
 from spacy_transformers.layers import split_trf_batch
 from spacy_transformers.layers.trfs2arrays import trfs2arrays
 from spacy_transformers.span_getters import configure_strided_spans, get_strided_spans
-from thinc.api import CupyOps, Model, chain, get_current_ops, reduce_mean
+from thinc.api import CupyOps, Model, chain, concatenate, get_current_ops, reduce_mean
 from thinc.types import Floats2d, Ragged
 
 from .backbone import DEFAULT_BACKBONE, load_backbone
 from .adapter import Adapter
 from .errors import ConfigError, Errors
 from .mixed_batch import precomputed
+from . import word_features as _word_features  # noqa: F401  (registers WordFeatures.v1)
 from .transformer_model import ptuning_transformer_model
 
 
@@ -66,6 +67,60 @@ def ptuning_transformer_v1(
         length of at most this many padded wordpieces (less padding);
         0 sends the whole batch padded to its longest sequence.
     """
+    return _prompted_tok2vec(
+        backbone, method, num_virtual_tokens, prefix_projection, prompt_encoder, prompt_dropout,
+        get_spans, pooling, grad_factor, revision, dtype, max_batch_tokens,
+    )
+
+
+@registry.architectures("spacy_ptuning.PTuningTransformer.v2")
+def ptuning_transformer_v2(
+    backbone: str = DEFAULT_BACKBONE,
+    method: str = "prefix",
+    num_virtual_tokens: int = 16,
+    prefix_projection: int = 0,
+    prompt_encoder: str = "lstm",
+    prompt_dropout: float = 0.0,
+    get_spans: Optional[Callable] = None,
+    pooling: Optional[Model[Ragged, Floats2d]] = None,
+    grad_factor: float = 1.0,
+    revision: Optional[str] = None,
+    dtype: str = "auto",
+    max_batch_tokens: int = 4096,
+    layer_mix: Optional[List[int]] = None,
+    word_features: Optional[Model[List[Doc], List[Floats2d]]] = None,
+) -> Model[List[Doc], List[Floats2d]]:
+    """PTuningTransformer.v1 reading more than the backbone's last layer.
+
+    Every v1 setting means what it means there (null for the two below
+    builds exactly v1's model), plus:
+
+    layer_mix: hidden states to mix with learned softmax weights and a scale
+        (ELMo's scalar mix, ``layer_mix.py``): indices of HF's
+        ``hidden_states``, 0 = embedding output, -1 = last layer; e.g.
+        [-1, -2, -3, -4]. null: the last layer alone.
+    word_features: a docs-to-vectors model trained with the prompts whose
+        vectors are concatenated to the transformer's (e.g.
+        ``spacy_ptuning.WordFeatures.v1``: hash embeddings of norm, prefix,
+        suffix and shape through a CNN); the output width is the sum.
+    """
+    model = _prompted_tok2vec(
+        backbone, method, num_virtual_tokens, prefix_projection, prompt_encoder, prompt_dropout,
+        get_spans, pooling, grad_factor, revision, dtype, max_batch_tokens, layer_mix,
+    )
+    if word_features is None:
+        return model
+    if not isinstance(word_features, Model) or not word_features.has_dim("nO") or not word_features.get_dim("nO"):
+        raise ConfigError(Errors.E048.format(found=type(word_features).__name__ if not isinstance(word_features, Model) else f"model '{word_features.name}' without nO"))
+    combined = concatenate(model, word_features)
+    combined.set_dim("nO", model.get_dim("nO") + word_features.get_dim("nO"))
+    return combined
+
+
+def _prompted_tok2vec(
+    backbone, method, num_virtual_tokens, prefix_projection, prompt_encoder, prompt_dropout,
+    get_spans, pooling, grad_factor, revision, dtype, max_batch_tokens, layer_mix=None,
+) -> Model[List[Doc], List[Floats2d]]:
     _check_torch_device()
     if get_spans is None:
         get_spans = configure_strided_spans(window=128, stride=96)
@@ -79,6 +134,7 @@ def ptuning_transformer_v1(
         prompt_encoder=prompt_encoder,
         prompt_dropout=prompt_dropout,
         max_batch_tokens=max_batch_tokens,
+        layer_mix=layer_mix,
     )
     module.requested_dtype = dtype  # "auto" is re-resolved on a device move
     if pooling is None:
@@ -105,14 +161,22 @@ def _allow_empty_batches(model: Model[List[Doc], List[Floats2d]]) -> Model[List[
 
 
 def _allow_empty_forward(outer: Model, docs: List[Doc], is_train: bool):
+    width = outer.get_dim("nO")
     if not is_train:  # vectors from a mixed-adapter pass (mixed_batch.pipe_mixed)
         vectors = precomputed(outer, docs)
         if vectors is not None:
-            return vectors, lambda d_outputs: docs
+            return _full_width(outer, vectors, width), lambda d_outputs: docs
     if all(len(doc) == 0 for doc in docs):
-        width = outer.get_dim("nO")
         return [outer.ops.alloc2f(0, width) for _ in docs], lambda d_outputs: docs
-    return outer.layers[0](docs, is_train)
+    vectors, backprop = outer.layers[0](docs, is_train)
+    return _full_width(outer, vectors, width), backprop
+
+
+def _full_width(outer: Model, vectors: List[Floats2d], width: int) -> List[Floats2d]:
+    """trfs2arrays answers an empty doc in a batch with a (0, 0) array; make it
+    (0, width), so that layers concatenating ours with others' (word features)
+    can stack the rows."""
+    return [v if v.shape[0] or v.shape[1] == width else outer.ops.alloc2f(0, width) for v in vectors]
 
 
 def _check_span_getter(get_spans: Callable) -> None:

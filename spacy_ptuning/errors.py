@@ -184,6 +184,24 @@ class Errors(metaclass=ErrorsWithCodes):
         "root). Give a folder written by nlp.to_disk; installed packages are not "
         "taken over HTTP."
     )
+    # Reading more of the backbone (E046-E048): spacy_ptuning.layer_mix,
+    # spacy_ptuning.word_features.
+    E046 = (
+        "layer_mix = {value} cannot be used: {problem}. This backbone has {count} "
+        "hidden states: 0 (the embedding output) to {last} (the last layer); "
+        "negative indices count from the end. Set e.g. layer_mix = [-1, -2, -3, -4], "
+        "or null for the last layer alone."
+    )
+    E047 = (
+        "WordFeatures: {option} = {value} cannot be used; it must be {rule}. "
+        "Set it in the [...tok2vec.word_features] block, or set word_features = null "
+        "to use no word features."
+    )
+    E048 = (
+        "word_features must be a thinc model from docs to one vector per token "
+        "(e.g. spacy_ptuning.WordFeatures.v1 or spacy.Tok2Vec.v2) with its output "
+        "width (nO) set; got {found}."
+    )
 
 
 def errors_table() -> str:

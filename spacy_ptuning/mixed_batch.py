@@ -207,8 +207,9 @@ def _mixed_vectors(jobs, max_batch_tokens: int, stats: Optional[MixedStats]) -> 
         arrays = full
         for layer in inner.layers[1:]:  # split_trf_batch, trfs2arrays: the component's own
             arrays = layer.predict(arrays)
-        for doc, array in zip(docs, arrays):
-            vectors[(id(tok2vec), id(doc))] = array
+        width = tok2vec.get_dim("nO")
+        for doc, array in zip(docs, arrays):  # (0, width) for an empty doc, as the tok2vec answers
+            vectors[(id(tok2vec), id(doc))] = array if len(doc) else tok2vec.ops.alloc2f(0, width)
     return vectors
 
 
@@ -273,6 +274,7 @@ def _encode_group(backbone: Backbone, rows: List[_Row], prompts: dict) -> List[t
             if V:
                 embeds[b, :V] = prompts[id(row.adapter)].to(dtype)
             embeds[b, V : V + L] = text[b, :L]
+    mixes = any(r.adapter.mix is not None for r in rows)
     positions = torch.arange(S, device=device)
     total = torch.tensor([v + n for v, n in zip(virtual, lengths)], device=device)
     mask = (positions[None, :] < total[:, None]).long()
@@ -297,8 +299,17 @@ def _encode_group(backbone: Backbone, rows: List[_Row], prompts: dict) -> List[t
         full_mask = torch.cat([prefix_mask, mask], dim=1) if backbone.family.mask_includes_prefix else mask
         prefix = [(layer[KEY], layer[VALUE]) for layer in stacked]
         with injected_prefix(backbone, prefix, prefix_mask):
-            output = model(inputs_embeds=embeds, attention_mask=full_mask, **extra)
+            output = model(inputs_embeds=embeds, attention_mask=full_mask, output_hidden_states=mixes, **extra)
     else:
-        output = model(inputs_embeds=embeds, attention_mask=mask, **extra)
-    hidden = output.last_hidden_state.float()
-    return [hidden[b, virtual[b] : virtual[b] + lengths[b]] for b in range(B)]
+        output = model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=mixes, **extra)
+    # Each adapter reads its own rows (its mix of hidden states, or the last).
+    by_adapter: Dict[int, Tuple[Adapter, List[int]]] = {}
+    for b, row in enumerate(rows):
+        by_adapter.setdefault(id(row.adapter), (row.adapter, []))[1].append(b)
+    result: List[Optional[torch.Tensor]] = [None] * B
+    for adapter, indices in by_adapter.values():
+        index = None if len(indices) == B else torch.tensor(indices, device=device)
+        hidden = adapter.read_hidden(output, index)
+        for k, b in enumerate(indices):
+            result[b] = hidden[k, virtual[b] : virtual[b] + lengths[b]]
+    return result  # type: ignore[return-value]

@@ -19,19 +19,23 @@ TEXTS = [
 ]
 
 
-def pipeline(backbone, factories, method, n, seed, dtype="float32"):
+def pipeline(backbone, factories, method, n, seed, dtype="float32", **v2):
     """A pipeline of spacy-ptuning components (one factory name or a list)
     over one backbone, initialised on three examples, its prompts then set
     far from their initialisation (non-trivial predictions).
 
     float32 by default: mixed batches equal each pipeline alone to 1e-5
     there; in bfloat16 (what "auto" picks on some CPUs) only to its rounding.
+    ``v2``: PTuningTransformer.v2 settings (layer_mix, word_features);
+    without them the tok2vec is v1.
     """
     factories = [factories] if isinstance(factories, str) else list(factories)
     fix_random_seed(seed)
     nlp = spacy.blank("en")
     tok2vec = {"@architectures": "spacy_ptuning.PTuningTransformer.v1", "backbone": backbone,
                "method": method, "num_virtual_tokens": n, "dtype": dtype}
+    if v2:
+        tok2vec.update({"@architectures": "spacy_ptuning.PTuningTransformer.v2", **v2})
     for f in factories:
         nlp.add_pipe(f, config={"model": {"tok2vec": tok2vec}})
     examples = []
@@ -49,6 +53,13 @@ def pipeline(backbone, factories, method, n, seed, dtype="float32"):
             with torch.no_grad():
                 for p in adapter.parameters():
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        # Word features (thinc params) away from their initialisation too.
+        for node in pipe.model.walk() if v2.get("word_features") else ():
+            for name in node.param_names:
+                if node.has_param(name) and not node.name.startswith("ptuning"):
+                    value = node.get_param(name)
+                    noise = torch.randn(value.shape, generator=gen).numpy() * 0.1
+                    node.set_param(name, (value + noise.astype(value.dtype)))
     return nlp
 
 
