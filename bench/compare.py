@@ -49,7 +49,7 @@ class SpacySystem:
         self.pipe_name = TASKS[self.task].pipe
         fix_random_seed(cfg["seed"])
         if kind == "st":
-            from spacy_ptuning.backbone import resolve_backbone_path
+            from spacy_ptuning.model.backbone import resolve_backbone_path
 
             self.nlp = common.st_pipeline(self.pipe_name, resolve_backbone_path(cfg["backbone"]))
             self.dropout = 0.1
@@ -175,7 +175,7 @@ class PeftSystem:
         from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
         from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
-        from spacy_ptuning.backbone import resolve_backbone_path
+        from spacy_ptuning.model.backbone import resolve_backbone_path
 
         self.kind, self.task, self.torch = kind, cfg["task"], torch
         self.vocab = Vocab()

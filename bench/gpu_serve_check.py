@@ -49,7 +49,7 @@ def build(backbone: str, task: str, method: str, n: int, rows) -> spacy.Language
         examples.append(Example.from_dict(doc, ann))
     nlp.initialize(lambda: examples)
     gen = torch.Generator().manual_seed(n)
-    from spacy_ptuning.transformer_model import find_adapter_layers
+    from spacy_ptuning.pipeline.transformer_model import find_adapter_layers
 
     for _, pipe in nlp.pipeline:  # prompts away from their initialisation
         for _, _, adapter in find_adapter_layers(pipe):
@@ -60,8 +60,8 @@ def build(backbone: str, task: str, method: str, n: int, rows) -> spacy.Language
 
 
 def identity_check(backbone: str) -> list:
-    from spacy_ptuning.backbone import load_backbone
-    from spacy_ptuning.identity import compare_fingerprints
+    from spacy_ptuning.model.backbone import load_backbone
+    from spacy_ptuning.model.identity import compare_fingerprints
 
     lines, ok = [], True
     reference = load_backbone(backbone, dtype="float32", device=torch.device("cpu")).fingerprint()
@@ -82,7 +82,7 @@ def main() -> None:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
-    from spacy_ptuning.mixed_batch import MixedStats, pipe_mixed
+    from spacy_ptuning.serving.mixed_batch import MixedStats, pipe_mixed
 
     use_device(args.device)
     rows = [json.loads(line) for line in (ROOT / "assets/demo_ner_train.jsonl").read_text().splitlines()]

@@ -19,7 +19,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
     import spacy
-    from spacy_ptuning.pool import AdapterPool
+    from spacy_ptuning.serving.pool import AdapterPool
 
     folder = build_adapters(common.RESULTS / "serve_adapters", common.Path(args.data_dir), False)["ptuning"]
     pool = AdapterPool(folder, max_loaded=1)  # every get of another name loads it

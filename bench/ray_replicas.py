@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Ray Serve: throughput of 1 vs 2 replicas, and memory per replica with ten
-adapters (``spacy_ptuning.ray_serve``), beside our own one-process server.
+adapters (``spacy_ptuning.ray.serve``), beside our own one-process server.
 
 The ten adapters and the traffic of ``bench/serve_load.py`` (MiniLM backbone;
 5 NER adapters get CoNLL-2003 dev sentences, 5 sentiment adapters SST-2 dev
@@ -70,7 +70,7 @@ def run_ray(folder: Path, replicas: int, cpus: float, port: int, work, names, ar
     import httpx
     from ray import serve
 
-    from spacy_ptuning.ray_serve import build_app
+    from spacy_ptuning.ray.serve import build_app
 
     url = f"http://127.0.0.1:{port}"
     start = time.perf_counter()

@@ -82,7 +82,7 @@ def main() -> None:
     ours = next((nlps[s] for s in args.systems if s == "ours"), None)
     if ours is not None:
         module = ours.get_pipe("ptuning_ner").model.get_ref("tok2vec")
-        from spacy_ptuning.transformer_model import get_adapter
+        from spacy_ptuning.pipeline.transformer_model import get_adapter
 
         print(f"\n'ours' backbone dtype here: {get_adapter(module).backbone.dtype}")
     med = {s: (statistics.median(train_wps[s]), statistics.median(infer_wps[s])) for s in args.systems}

@@ -47,7 +47,7 @@ def together(paths: dict, dev_files: dict, limit: int) -> dict:
     from spacy.training import Example
 
     from spacy_ptuning import get_adapter
-    from spacy_ptuning.mixed_batch import pipe_mixed
+    from spacy_ptuning.serving.mixed_batch import pipe_mixed
 
     nlps = {k: spacy.load(p) for k, p in paths.items()}
     backbones = {k: get_adapter(n.get_pipe(n.pipe_names[0]).model).backbone for k, n in nlps.items()}

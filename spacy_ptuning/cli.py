@@ -18,7 +18,7 @@ from typing import Optional
 import typer
 from spacy.cli._util import Arg, Opt, app, import_code
 
-from .serve_config import ServeConfig, config_fields
+from .serving.serve_config import ServeConfig, config_fields
 
 ptuning_cli = typer.Typer(
     name="ptuning",
@@ -49,7 +49,7 @@ def serve_cli(**options):
     and what a client gets past it: docs/serving.md.
     """
     try:
-        from .server import serve
+        from .serving.server import serve
     except ImportError as e:
         typer.echo(
             f"The server needs the 'serve' extra ({e}): pip install 'spacy-ptuning[serve]'", err=True
@@ -128,7 +128,7 @@ def annotate_cli(
     one file per shard of rows, resumable; needs the 'ray' extra."""
     try:
         from .errors import PTuningError
-        from .ray_data import annotate
+        from .ray.data import annotate
     except ImportError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(1)

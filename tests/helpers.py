@@ -7,7 +7,7 @@ import torch
 from spacy.training import Example
 from spacy.util import fix_random_seed
 
-from spacy_ptuning.transformer_model import find_adapter_layers
+from spacy_ptuning.pipeline.transformer_model import find_adapter_layers
 
 TEXTS = [
     "alice visited paris today",

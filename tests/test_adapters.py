@@ -12,7 +12,7 @@ from spacy.util import fix_random_seed
 from thinc.api import Adam
 
 from spacy_ptuning import get_adapter, load_backbone
-from spacy_ptuning.identity import describe_fingerprint
+from spacy_ptuning.model.identity import describe_fingerprint
 
 TEXTS = ["alice visited paris today", "a good film", "bob works at acme in london"]
 
@@ -86,7 +86,7 @@ def test_save_load_round_trip_is_exact_and_small(tiny_bert, tmp_path, method):
 
 def test_adapter_weights_are_safetensors_with_fingerprint(tiny_bert, tmp_path):
     from safetensors.torch import load as st_load
-    from spacy_ptuning.serialization import AdapterShim
+    from spacy_ptuning.model.serialization import AdapterShim
 
     nlp, _ = _pipeline(tiny_bert)
     shim = next(s for node in nlp.get_pipe("ptuning_ner").model.walk() for s in node.shims)

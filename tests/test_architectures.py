@@ -105,7 +105,7 @@ def test_prefix_equals_reference_attention(request, name):
     enc = backbone.tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         ours = module(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))
-        ref = _reference(backbone, module.prompts(len(TEXTS)), enc["input_ids"], enc["attention_mask"])
+        ref = _reference(backbone, module.prompt_values(len(TEXTS)), enc["input_ids"], enc["attention_mask"])
         plain = backbone.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
     real = enc["attention_mask"].bool()
     assert torch.allclose(ours[real], ref[real], atol=1e-5), (ours[real] - ref[real]).abs().max()

@@ -7,9 +7,9 @@ from spacy.training import Example
 from spacy.util import fix_random_seed
 
 from spacy_ptuning import get_adapter, load_backbone
-from spacy_ptuning.adapter import MIN_TEXT_POSITIONS
+from spacy_ptuning.model.methods import MIN_TEXT_POSITIONS
 from spacy_ptuning.errors import ConfigError
-from spacy_ptuning.architectures import ptuning_transformer_v1
+from spacy_ptuning.pipeline.architectures import ptuning_transformer_v1
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +225,7 @@ def test_gpu_requested_without_cuda_torch_says_what_to_install(tiny_bert, monkey
     [({"avx512f", "avx512_bf16"}, "bfloat16"), ({"amx_bf16", "amx_tile"}, "bfloat16"), ({"avx2", "avx512f"}, "float32"), (set(), "float32")],
 )
 def test_auto_dtype_follows_the_cpu(tiny_bert, monkeypatch, capsys, flags, expected):
-    from spacy_ptuning import backbone as bb
+    from spacy_ptuning.model import backbone as bb
 
     monkeypatch.setattr(bb, "_cpu_flags", lambda: set(flags))
     assert bb.auto_dtype(torch.device("cpu"))[0] == expected

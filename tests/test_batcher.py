@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from spacy_ptuning.batcher import Batcher, Job, QueueFull, ShuttingDown
+from spacy_ptuning.serving.batcher import Batcher, Job, QueueFull, ShuttingDown
 
 WAIT = 30  # seconds: only a bound for a broken batcher, never a measurement
 

@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from spacy_ptuning.errors import errors_table
-from spacy_ptuning.serve_config import config_fields, options_table
+from spacy_ptuning.serving.serve_config import config_fields, options_table
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -10,7 +10,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 def test_serving_options_table_is_servecfgs():
     text = (DOCS / "serving.md").read_text()
     table = text.split("<!-- options:begin -->\n", 1)[1].split("<!-- options:end -->", 1)[0]
-    assert table == options_table(), "regenerate with: python -m spacy_ptuning.serve_config"
+    assert table == options_table(), "regenerate with: python -m spacy_ptuning.serving.serve_config"
     assert len(config_fields()) == table.count("\n") - 2
 
 

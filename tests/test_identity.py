@@ -18,7 +18,7 @@ from spacy.util import fix_random_seed
 from thinc.api import Adam
 
 from spacy_ptuning import get_adapter, load_backbone
-from spacy_ptuning.identity import (
+from spacy_ptuning.model.identity import (
     TOLERANCE,
     compare_fingerprints,
     compute_fingerprint,
@@ -28,7 +28,7 @@ from spacy_ptuning.identity import (
     weight_ratios,
     weight_sketch,
 )
-from spacy_ptuning.serialization import ADAPTER_FORMAT, LEGACY_FORMAT
+from spacy_ptuning.model.serialization import ADAPTER_FORMAT, LEGACY_FORMAT
 
 DTYPES = ["float32", "bfloat16", "float16"]
 TEXTS = ["alice visited paris today", "bob works at acme in london"]
@@ -416,7 +416,7 @@ def test_format_1_adapters_still_load_and_are_checked(tiny_bert, other_tiny_bert
 def minilm():
     from transformers import AutoModel
 
-    from spacy_ptuning.backbone import DEFAULT_BACKBONE, resolve_backbone_path
+    from spacy_ptuning.model.backbone import DEFAULT_BACKBONE, resolve_backbone_path
 
     path = resolve_backbone_path(DEFAULT_BACKBONE)
     return {d: AutoModel.from_pretrained(path, torch_dtype=getattr(torch, d)) for d in DTYPES}

@@ -4,8 +4,8 @@ import numpy
 import pytest
 import torch
 
-from spacy_ptuning.mixed_batch import MixedStats, _mixed_vectors, pipe_mixed
-from spacy_ptuning.transformer_model import find_adapter_layers
+from spacy_ptuning.serving.mixed_batch import MixedStats, _mixed_vectors, pipe_mixed
+from spacy_ptuning.pipeline.transformer_model import find_adapter_layers
 
 from .helpers import pipeline as _pipeline
 

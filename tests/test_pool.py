@@ -6,8 +6,8 @@ import threading
 import pytest
 import spacy
 
-from spacy_ptuning.pool import AdapterLoadFailed, AdapterPool, InvalidAdapterName, UnknownAdapter
-from spacy_ptuning.transformer_model import find_adapter_layers
+from spacy_ptuning.serving.pool import AdapterLoadFailed, AdapterPool, InvalidAdapterName, UnknownAdapter
+from spacy_ptuning.pipeline.transformer_model import find_adapter_layers
 
 from .helpers import pipeline as _pipeline
 

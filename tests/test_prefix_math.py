@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from spacy_ptuning import Adapter, load_backbone
-from spacy_ptuning.backbone import FAMILIES
-from spacy_ptuning.architectures import ptuning_transformer_v1
+from spacy_ptuning.model.backbone import FAMILIES
+from spacy_ptuning.pipeline.architectures import ptuning_transformer_v1
 
 TEXTS = ["alice met bob in paris today", "the film", "good movie , really great plot and actor"]
 
@@ -42,7 +42,7 @@ def _reference_with_past(backbone, module, input_ids, mask, token_types, positio
             k.reshape(B, P, heads, head_dim).transpose(1, 2),
             v.reshape(B, P, heads, head_dim).transpose(1, 2),
         )
-        for k, v in module.prompts(B)
+        for k, v in module.prompt_values(B)
     )
     full_mask = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], dim=1)
     kwargs = {"token_type_ids": token_types} if token_types is not None else {}
@@ -139,7 +139,7 @@ def test_vectors_do_not_depend_on_batch_padding(any_tiny_backbone, method):
 
 
 def test_length_groups():
-    from spacy_ptuning.adapter import length_groups
+    from spacy_ptuning.model.encode import length_groups
 
     groups = length_groups([30, 3, 4, 31, 10, 0], max_tokens=64)
     assert [i for g in groups for i in g] == [5, 1, 2, 4, 0, 3]  # shortest first
@@ -187,7 +187,7 @@ def test_input_prompts_equal_the_backbone_run_on_extra_tokens(any_tiny_backbone,
     B = input_ids.shape[0]
     with torch.no_grad():
         ours = module(input_ids, mask, token_types)
-        virtual = module.prompts(1)[0]  # (P, embed_width)
+        virtual = module.prompt_row()  # (P, embed_width)
         reference = AutoModel.from_pretrained(any_tiny_backbone, **dict(backbone.family.load_kwargs)).eval()
         vocab = reference.get_input_embeddings().weight.shape[0]
         reference.resize_token_embeddings(vocab + P)
@@ -211,7 +211,7 @@ def test_injection_guard_turns_a_wrong_projection_count_into_an_error(tiny_bert)
     projection once passes; one that skips some or all of them (as a
     transformers version computing attention another way would) is an
     error, not silently unprefixed output."""
-    from spacy_ptuning.injection import injected_prefix
+    from spacy_ptuning.model.injection import injected_prefix
 
     backbone = load_backbone(tiny_bert, dtype="float32")
     ids, mask, types = _encode(backbone, TEXTS[:1])

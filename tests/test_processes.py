@@ -237,7 +237,7 @@ def test_deepcopy_shares_a_backbone_that_load_backbone_cannot_find(tiny_bert):
     from transformers import AutoModel, AutoTokenizer
 
     from spacy_ptuning import Adapter
-    from spacy_ptuning.backbone import wrap_backbone
+    from spacy_ptuning.model.backbone import wrap_backbone
 
     backbone = wrap_backbone(
         AutoModel.from_pretrained(tiny_bert), AutoTokenizer.from_pretrained(tiny_bert), name="hand-made"

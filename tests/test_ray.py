@@ -20,8 +20,8 @@ import httpx  # noqa: E402
 import spacy  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from spacy_ptuning.pool import AdapterPool  # noqa: E402
-from spacy_ptuning.server import ServeConfig, create_app  # noqa: E402
+from spacy_ptuning.serving.pool import AdapterPool  # noqa: E402
+from spacy_ptuning.serving.server import ServeConfig, create_app  # noqa: E402
 from tests.helpers import TEXTS, assert_doc as _assert_doc, pipeline as _pipeline  # noqa: E402
 
 SERVED = ["ner", "sentiment", "topics", "multi"]
@@ -93,7 +93,7 @@ class TestServe:
     @pytest.fixture(scope="class")
     @classmethod
     def url(cls, ray_local, adapters_dir):
-        from spacy_ptuning.ray_serve import build_app
+        from spacy_ptuning.ray.serve import build_app
 
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -319,7 +319,7 @@ def _check_rows(rows, inputs, nlps):
 
 
 def test_annotate_2000_sentences_with_2_workers_equals_nlp_pipe(ray_local, adapters_dir, nlps, tmp_path):
-    from spacy_ptuning.ray_data import AnnotationError, annotate, read_output
+    from spacy_ptuning.ray.data import AnnotationError, annotate, read_output
 
     texts = _sentences(2000)
     inputs = [{"id": k, "text": t, "adapter": SERVED[(k * 5) % 3]} for k, t in enumerate(texts)]
@@ -354,7 +354,7 @@ def test_annotate_parquet_one_adapter_and_bad_rows(ray_local, adapters_dir, nlps
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from spacy_ptuning.ray_data import AnnotationError, annotate, read_output
+    from spacy_ptuning.ray.data import AnnotationError, annotate, read_output
 
     texts = _sentences(300)
     inputs = [{"id": k, "text": t, "adapter": "multi"} for k, t in enumerate(texts)]
@@ -385,7 +385,7 @@ def test_annotate_cli(ray_local, adapters_dir, nlps, tmp_path):
     from typer.testing import CliRunner
 
     from spacy_ptuning.cli import ptuning_cli
-    from spacy_ptuning.ray_data import read_output
+    from spacy_ptuning.ray.data import read_output
 
     inputs = [{"id": k, "body": t, "adapter": "ner"} for k, t in enumerate(_sentences(120))]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in inputs))
@@ -406,7 +406,7 @@ def test_without_ray_the_import_says_how_to_install():
     code = (
         "import sys\n"
         "sys.modules['ray'] = None\n"
-        "for mod in ('spacy_ptuning.ray_serve', 'spacy_ptuning.ray_data'):\n"
+        "for mod in ('spacy_ptuning.ray.serve', 'spacy_ptuning.ray.data'):\n"
         "    try:\n"
         "        __import__(mod)\n"
         "    except ImportError as e:\n"
@@ -415,6 +415,6 @@ def test_without_ray_the_import_says_how_to_install():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 2, out.stdout + out.stderr
-    assert lines[0].startswith("[PT-E036] spacy_ptuning.ray_serve needs Ray")
-    assert lines[1].startswith("[PT-E036] spacy_ptuning.ray_data needs Ray")
+    assert lines[0].startswith("[PT-E036] spacy_ptuning.ray.serve needs Ray")
+    assert lines[1].startswith("[PT-E036] spacy_ptuning.ray.data needs Ray")
     assert all('pip install "spacy-ptuning[ray]"' in line for line in lines)

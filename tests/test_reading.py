@@ -6,12 +6,12 @@ import pytest
 import spacy
 import torch
 
-from spacy_ptuning.adapter import Adapter
-from spacy_ptuning.backbone import load_backbone
+from spacy_ptuning.model.adapter import Adapter
+from spacy_ptuning.model.backbone import load_backbone
 from spacy_ptuning.errors import ConfigError
-from spacy_ptuning.injection import injected_prefix
-from spacy_ptuning.mixed_batch import MixedStats, pipe_mixed
-from spacy_ptuning.transformer_model import find_adapter_layers
+from spacy_ptuning.model.injection import injected_prefix
+from spacy_ptuning.serving.mixed_batch import MixedStats, pipe_mixed
+from spacy_ptuning.pipeline.transformer_model import find_adapter_layers
 
 from .helpers import pipeline
 
@@ -112,7 +112,7 @@ def test_word_features_widen_the_vectors_and_train_with_the_prompts(tiny_bert):
 
 
 def test_word_features_that_are_not_a_model_are_a_numbered_error(tiny_bert):
-    from spacy_ptuning.architectures import ptuning_transformer_v2
+    from spacy_ptuning.pipeline.architectures import ptuning_transformer_v2
 
     with pytest.raises(ConfigError, match="PT-E048"):
         ptuning_transformer_v2(backbone=tiny_bert, dtype="float32", word_features="SUFFIX")
@@ -144,7 +144,7 @@ def test_every_v2_option_through_pipe_mixed_equals_each_pipeline_alone(request, 
             assert doc.cats[label] == pytest.approx(ref.cats[label], abs=1e-5)
     assert max(stats.adapters_per_pass) == len(nlps)  # really one shared pass
     # ... and the mixed vectors themselves equal each tok2vec alone.
-    from spacy_ptuning.mixed_batch import _mixed_vectors
+    from spacy_ptuning.serving.mixed_batch import _mixed_vectors
     jobs = []
     for nlp in nlps:
         own = [nlp.make_doc(t) for t in TEXTS]

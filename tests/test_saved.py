@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import spacy
 
-from spacy_ptuning.mixed_batch import pipe_mixed
+from spacy_ptuning.serving.mixed_batch import pipe_mixed
 
 DATA = Path(__file__).parent / "data"
 SAVED = ["saved-0.1.0"]

@@ -17,9 +17,9 @@ import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from spacy_ptuning.pool import AdapterPool
-from spacy_ptuning.server import ServeConfig, create_app
-from spacy_ptuning.transformer_model import find_adapter_layers
+from spacy_ptuning.serving.pool import AdapterPool
+from spacy_ptuning.serving.server import ServeConfig, create_app
+from spacy_ptuning.pipeline.transformer_model import find_adapter_layers
 
 from .helpers import TEXTS, assert_doc as _assert_doc, pipeline as _pipeline
 
@@ -742,7 +742,7 @@ def test_slow_clients_are_cut_off_at_the_read_timeout(adapters_dir):
     """Regression: connections that sent nothing, half the headers or half
     the body stayed open for the whole test. Their closing is waited for as
     an event (the socket's end), with a generous bound."""
-    from spacy_ptuning.server import timed_protocol
+    from spacy_ptuning.serving.server import timed_protocol
 
     app = _app(adapters_dir, read_timeout_s=0.5, preload=["ner"])
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -836,7 +836,7 @@ def test_api_token_request_ids_and_per_adapter_metrics(adapters_dir):
 def test_sigterm_drains_ready_503_while_work_finishes(adapters_dir):
     """The drain phase: after the signal /ready answers 503 and requests
     (in flight and new) are still answered; then the server stops."""
-    from spacy_ptuning.server import DrainingServer
+    from spacy_ptuning.serving.server import DrainingServer
 
     app = _app(adapters_dir, preload=["slow", "ner"], drain_s=1.0)
     state = app.state.ptuning

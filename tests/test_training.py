@@ -218,7 +218,7 @@ def test_optimizer_step_is_thincs_and_keeps_each_parameter_one_tensor(tiny_bert)
 
     from thinc.api import Adam, PyTorchShim
 
-    from spacy_ptuning.serialization import AdapterShim
+    from spacy_ptuning.model.serialization import AdapterShim
 
     def build(thincs_step):
         fix_random_seed(0)

@@ -20,7 +20,7 @@ from spacy.util import registry
 from thinc.api import Model
 from thinc.types import Floats2d
 
-from .errors import ConfigError, Errors
+from ..errors import ConfigError, Errors
 
 DEFAULT_ATTRS = ("NORM", "PREFIX", "SUFFIX", "SHAPE")
 # Fewer rows than spaCy's CPU defaults (5000, 1000, 2500, 2500): the tables are

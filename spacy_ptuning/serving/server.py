@@ -73,7 +73,7 @@ from .api import (
     public_message, request_error, scrub, wordpiece_costs,
 )
 from .batcher import Batcher, Job, QueueFull, ShuttingDown, estimate_wordpieces
-from .errors import Errors
+from ..errors import Errors
 from .pool import AdapterPool, InvalidAdapterName, UnknownAdapter
 
 __all__ = [  # doc_json, BATCHING, DTYPES, config_fields: re-exported for code that imported them from here

@@ -8,8 +8,9 @@ on load, that the backbone in memory is the one the adapter was trained on.
 
 The envelope (format ``spacy-ptuning-adapter/2``) holds ``format``,
 ``backbone`` (the name it was trained with), ``fingerprint`` (see
-``identity.py``), ``method``, ``num_virtual_tokens``, ``weights`` (the
-safetensors bytes) and ``weights_sha256`` (their checksum). Loading checks,
+``identity.py``), ``method``, ``num_virtual_tokens``, ``settings`` (every
+setting of the method and the layer mix; written since 0.2, informational),
+``weights`` (the safetensors bytes) and ``weights_sha256`` (their checksum). Loading checks,
 in order: the backbone's identity (E006), the checksum (E015), that the
 tensors are finite (E014), and that they fit the configured prompts (E007).
 Format /1 (no checksum, a sampled weight hash) still loads.
@@ -30,7 +31,7 @@ from thinc.api import Model, PyTorchShim, torch2xp, xp2torch
 
 from .adapter import Adapter
 from .backbone import Backbone
-from .errors import AdapterError, Errors
+from ..errors import AdapterError, Errors
 from .identity import compare_fingerprints, compare_legacy, describe_fingerprint, legacy_fingerprint
 
 FORMAT_PREFIX = "spacy-ptuning-adapter/"
@@ -81,6 +82,9 @@ class AdapterShim(PyTorchShim):
                 "fingerprint": module.backbone.fingerprint(),
                 "method": module.method,
                 "num_virtual_tokens": module.num_virtual_tokens,
+                # Informational (readers ignore unknown keys): every setting
+                # of the method, and the layer mix, if any.
+                "settings": {**module.settings.to_dict(), "layer_mix": module.mix.layers if module.mix is not None else None},
                 "weights": weights,
                 "weights_sha256": weights_checksum(weights),
             }

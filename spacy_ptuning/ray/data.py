@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from .errors import Errors, PTuningError
+from ..errors import Errors, PTuningError
 
 try:
     import pyarrow as pa
@@ -47,8 +47,8 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(Errors.E036.format(what="spacy_ptuning.ray_data", error=e)) from e
 
-from .mixed_batch import pipe_mixed
-from .pool import AdapterPool, UnknownAdapter
+from ..serving.mixed_batch import pipe_mixed
+from ..serving.pool import AdapterPool, UnknownAdapter
 
 logger = logging.getLogger("spacy_ptuning.ray_data")
 

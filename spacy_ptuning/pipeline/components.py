@@ -9,8 +9,8 @@ from spacy.pipeline import EntityRecognizer, MultiLabel_TextCategorizer, TextCat
 from spacy.training import Example
 from thinc.api import Config, Model
 
-from .errors import AdapterError, Errors, PTuningError
-from .serialization import check_saved_backbone
+from ..errors import AdapterError, Errors, PTuningError
+from ..model.serialization import check_saved_backbone
 from .transformer_model import get_adapter
 
 
@@ -95,7 +95,7 @@ def _auto_reason(module) -> str:
     """Why ``dtype = "auto"`` chose what it chose, when it was asked for."""
     if getattr(module, "requested_dtype", None) != "auto":
         return ""
-    from .backbone import auto_dtype
+    from ..model.backbone import auto_dtype
 
     return f" (auto: {auto_dtype(module.backbone.device)[1]})"
 

@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import ConfigError, Errors
+from ..errors import ConfigError, Errors
 
 
 def resolve_layers(layers: Optional[Sequence[int]], num_layers: int) -> Optional[List[int]]:

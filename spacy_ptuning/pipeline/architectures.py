@@ -1,10 +1,9 @@
 """Registered thinc architectures, and the checks that make a built pipeline
-safe to run anywhere spaCy runs one: in worker processes
-(``nlp.pipe(n_process=...)``, see :func:`_single_threaded_torch_after_fork`),
-on the device thinc was told to use (:func:`_check_torch_device`), with span
-getters that give every token a window (:func:`_check_span_getter`)."""
+safe to run anywhere spaCy runs one: on the device thinc was told to use
+(:func:`_check_torch_device`), with span getters that give every token a
+window (:func:`_check_span_getter`); in worker processes
+(``nlp.pipe(n_process=...)``) see ``model.threads``."""
 import functools
-import os
 from typing import Callable, List, Optional
 
 import torch
@@ -16,10 +15,10 @@ from spacy_transformers.span_getters import configure_strided_spans, get_strided
 from thinc.api import CupyOps, Model, chain, concatenate, get_current_ops, reduce_mean
 from thinc.types import Floats2d, Ragged
 
-from .backbone import DEFAULT_BACKBONE, load_backbone
-from .adapter import Adapter
-from .errors import ConfigError, Errors
-from .mixed_batch import precomputed
+from ..model.backbone import DEFAULT_BACKBONE, load_backbone
+from ..model.adapter import Adapter
+from ..errors import ConfigError, Errors
+from .precomputed import precomputed
 from . import word_features as _word_features  # noqa: F401  (registers WordFeatures.v1)
 from .transformer_model import ptuning_transformer_model
 
@@ -135,29 +134,41 @@ def _prompted_tok2vec(
         prompt_dropout=prompt_dropout,
         max_batch_tokens=max_batch_tokens,
         layer_mix=layer_mix,
+        requested_dtype=dtype,
     )
-    module.requested_dtype = dtype  # "auto" is re-resolved on a device move
     if pooling is None:
         pooling = reduce_mean()
-    model = chain(
-        ptuning_transformer_model(module, get_spans),
-        split_trf_batch(),
-        trfs2arrays(pooling, grad_factor),
-    )
+    transformer = ptuning_transformer_model(module, get_spans)
+    model = chain(transformer, split_trf_batch(), trfs2arrays(pooling, grad_factor))
     model.set_dim("nO", shared.hidden_width)
-    return _allow_empty_batches(model)
+    return _allow_empty_batches(model, transformer)
 
 
-def _allow_empty_batches(model: Model[List[Doc], List[Floats2d]]) -> Model[List[Doc], List[Floats2d]]:
+def _allow_empty_batches(model: Model[List[Doc], List[Floats2d]], transformer: Model) -> Model[List[Doc], List[Floats2d]]:
     """Answer a batch of only empty docs with (0, nO) arrays (trfs2arrays
     cannot pool an empty batch). The forward is a module-level function, so
-    the model pickles (spawned workers, pickle.dumps(nlp))."""
+    the model pickles (spawned workers, pickle.dumps(nlp)).
+
+    Named refs (what other modules use; the layer tree itself is release
+    0.1.0's, so saved pipelines load): "prompted", the chain docs ->
+    vectors; "transformer", its first layer, docs -> FullTransformerBatch."""
     return Model(
         "ptuning-tok2vec",
         _allow_empty_forward,
         layers=[model],
+        refs={"prompted": model, "transformer": transformer},
         dims={"nO": model.get_dim("nO")},
     )
+
+
+def vectors_from_batch(tok2vec: Model, batch) -> List[Floats2d]:
+    """The token vectors a ptuning tok2vec makes of a FullTransformerBatch
+    computed elsewhere (a mixed-adapter pass): its own split and pooling
+    layers, at inference."""
+    arrays = batch
+    for layer in tok2vec.get_ref("prompted").layers[1:]:  # split_trf_batch, trfs2arrays
+        arrays = layer.predict(arrays)
+    return arrays
 
 
 def _allow_empty_forward(outer: Model, docs: List[Doc], is_train: bool):
@@ -168,7 +179,7 @@ def _allow_empty_forward(outer: Model, docs: List[Doc], is_train: bool):
             return _full_width(outer, vectors, width), lambda d_outputs: docs
     if all(len(doc) == 0 for doc in docs):
         return [outer.ops.alloc2f(0, width) for _ in docs], lambda d_outputs: docs
-    vectors, backprop = outer.layers[0](docs, is_train)
+    vectors, backprop = outer.get_ref("prompted")(docs, is_train)
     return _full_width(outer, vectors, width), backprop
 
 
@@ -220,38 +231,3 @@ def _check_torch_device() -> None:
                 "(check the NVIDIA driver and CUDA_VISIBLE_DEVICES)"
             )
         raise ConfigError(Errors.E022.format(reason=reason))
-
-
-def _single_threaded_torch_after_fork() -> None:
-    """In a forked child, limit torch to one intra-op thread.
-
-    Why: torch's CPU wheels run intra-op parallelism on GNU OpenMP (libgomp,
-    ``torch.__config__.parallel_info()``). libgomp keeps its worker threads in
-    a pool owned by the thread that first opened a parallel region, and it
-    has no fork handler: after ``fork()`` only the forking thread exists in
-    the child, but the inherited pool still lists the parent's workers, so the
-    child's first parallel region (a LayerNorm, a matmul over enough rows)
-    waits forever on threads that do not exist. spaCy's
-    ``nlp.pipe(n_process=...)`` starts its workers with multiprocessing's
-    default start method, fork on Linux, after the parent has usually run the
-    model (initialize, a first batch), so its workers hung. With one thread
-    torch never opens a parallel region (``at::parallel_for`` runs inline
-    when ``get_num_threads() == 1``; ``set_num_threads`` also sets OpenMP's
-    and MKL's counts to 1), and the child runs. torch's own DataLoader does
-    the same in its workers. One thread per worker is also the right size
-    for n_process workers that already share the cores (n_process x
-    threads would oversubscribe them). Spawned workers start a fresh
-    interpreter and keep torch's default (set ``OMP_NUM_THREADS=1`` in the
-    parent's environment before ``nlp.pipe`` to size them likewise).
-    Registered on import, for every fork of a process that uses
-    spacy-ptuning: which forks follow parallel torch work cannot be told from
-    outside libgomp. A child whose parent never ran torch in parallel (a
-    pre-fork server forking before any inference) may raise the count again
-    with ``torch.set_num_threads``; after parallel work it would hang.
-    """
-    if torch.get_num_threads() > 1:
-        torch.set_num_threads(1)
-
-
-if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(after_in_child=_single_threaded_torch_after_fork)

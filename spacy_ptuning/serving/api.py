@@ -120,7 +120,7 @@ def _too_long(field: str, index: int, size: str, cap: int) -> RequestError:
 def _backbone_tokenizer(nlp):
     """The borrow() of the first spacy-ptuning backbone in the pipeline
     (None for pipelines without one)."""
-    from .transformer_model import find_adapter_layers
+    from ..pipeline.transformer_model import find_adapter_layers
 
     for _, pipe in nlp.pipeline:
         for _, _, adapter in find_adapter_layers(pipe):

@@ -21,9 +21,9 @@ from thinc.types import Ragged
 from thinc.layers.pytorchwrapper import forward as pytorch_forward
 from transformers.file_utils import ModelOutput
 
-from .adapter import Adapter
-from .errors import ConfigError, Errors
-from .serialization import AdapterShim
+from ..model.adapter import Adapter
+from ..errors import ConfigError, Errors
+from ..model.serialization import AdapterShim
 
 
 def adapter_layer(module: Adapter) -> Model[WordpieceBatch, ModelOutput]:
@@ -61,17 +61,19 @@ def ptuning_transformer_model(
 ) -> Model[List[Doc], FullTransformerBatch]:
     """Docs -> FullTransformerBatch, like spacy-transformers' TransformerModel
     (same span getters, tokenisation and alignment) over a prompted encoder."""
+    adapter = adapter_layer(module)
     return Model(
         "ptuning-transformer",
         _transformer_forward,
-        layers=[adapter_layer(module)],
+        layers=[adapter],
+        refs={"adapter": adapter},
         attrs={"get_spans": get_spans},
         dims={"nO": module.backbone.hidden_width},
     )
 
 
 def find_adapter_layers(component) -> List[Tuple[Model, Model, Adapter]]:
-    """(tok2vec layer, its inner chain, adapter) of every spacy-ptuning
+    """(tok2vec layer, its "transformer" ref, adapter) of every spacy-ptuning
     tok2vec inside a pipeline component (none for other components)."""
     model = getattr(component, "model", None)
     if not isinstance(model, Model):
@@ -79,7 +81,7 @@ def find_adapter_layers(component) -> List[Tuple[Model, Model, Adapter]]:
     found = []
     for node in model.walk():
         if node.name == "ptuning-tok2vec":
-            found.append((node, node.layers[0], get_adapter(node)))
+            found.append((node, node.get_ref("transformer"), get_adapter(node)))
     return found
 
 
@@ -97,7 +99,7 @@ def prepare_wordpieces(
 ) -> Optional[Tuple[List[List[Span]], WordpieceBatch, Ragged]]:
     """The windows (spans), wordpieces and alignment the adapter runs on, for
     a ptuning-transformer model; None when the docs hold no tokens."""
-    module: Adapter = model.layers[0].shims[0]._model
+    module: Adapter = get_adapter(model)
     get_spans = model.attrs["get_spans"]
     nested_spans = get_spans(docs)
     _check_coverage(docs, nested_spans, get_spans)
@@ -128,7 +130,7 @@ def prepare_wordpieces(
 def _transformer_forward(
     model: Model, docs: List[Doc], is_train: bool
 ) -> Tuple[FullTransformerBatch, Callable]:
-    adapter = model.layers[0]
+    adapter = model.get_ref("adapter")
     prepared = prepare_wordpieces(model, docs)
     if prepared is None:  # only empty docs
         return FullTransformerBatch.empty(len(docs)), lambda d_output: docs

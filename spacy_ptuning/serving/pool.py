@@ -21,6 +21,7 @@ bounded LRU of models loaded by id.
 import os
 import re
 import threading
+import uuid
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -29,8 +30,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 import spacy
 from spacy.language import Language
 
-from .errors import Errors, PTuningError
-from .transformer_model import find_adapter_layers
+from ..errors import Errors, PTuningError
+from ..pipeline.transformer_model import find_adapter_layers
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 TASKS = {
@@ -335,9 +336,13 @@ class AdapterPool:
             return nlp
         config = spacy.util.load_config(path / "config.cfg", overrides=overrides)
         own_tokenizer = config["nlp"]["tokenizer"]
-        _SHARED_TOKENIZERS[f"{id(self)}:{key}"] = shared
-        config["nlp"]["tokenizer"] = {"@tokenizers": "spacy_ptuning.pooled_tokenizer.v1", "key": f"{id(self)}:{key}"}
-        nlp = spacy.util.load_model_from_config(config, vocab=shared.vocab, meta=spacy.util.get_model_meta(path))
+        handover = uuid.uuid4().hex  # this load's own entry, removed when it is done
+        _HANDOVER[handover] = shared
+        config["nlp"]["tokenizer"] = {"@tokenizers": "spacy_ptuning.pooled_tokenizer.v1", "key": handover}
+        try:
+            nlp = spacy.util.load_model_from_config(config, vocab=shared.vocab, meta=spacy.util.get_model_meta(path))
+        finally:
+            _HANDOVER.pop(handover, None)
         nlp.from_disk(path, exclude=["tokenizer"])
         nlp._config["nlp"]["tokenizer"] = own_tokenizer  # nlp.config / to_disk as saved
         return nlp
@@ -446,7 +451,11 @@ def _components_on_disk(location: str) -> List[dict]:
     return out
 
 
-_SHARED_TOKENIZERS: Dict[str, object] = {}
+# Tokenizers being handed to a pipeline that is being built: a spaCy config can
+# name a registered function but not pass an object, so the pool puts the
+# shared tokenizer here under a key of its own for the one
+# load_model_from_config call that resolves it, and removes it after.
+_HANDOVER: Dict[str, object] = {}
 
 
 @spacy.util.registry.tokenizers("spacy_ptuning.pooled_tokenizer.v1")
@@ -455,7 +464,7 @@ def pooled_tokenizer(key: str):
     pool puts this in a loading config and restores the saved one after)."""
 
     def create(nlp: Language):
-        return _SHARED_TOKENIZERS[key]
+        return _HANDOVER[key]
 
     return create
 

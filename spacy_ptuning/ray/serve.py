@@ -58,7 +58,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
-from .errors import Errors
+from ..errors import Errors
 
 try:
     import ray
@@ -70,10 +70,10 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(Errors.E036.format(what="spacy_ptuning.ray_serve", error=e)) from e
 
-from .pool import AdapterPool, InvalidAdapterName, UnknownAdapter
-from .api import ItemsIn, RequestError, TextsIn, pipeline_batcher, public_message as describe_error, wordpiece_costs
-from .batcher import Job, QueueFull, ShuttingDown
-from .server import ServeConfig, check_size, install_error_handlers, public_info
+from ..serving.pool import AdapterPool, InvalidAdapterName, UnknownAdapter
+from ..serving.api import ItemsIn, RequestError, TextsIn, pipeline_batcher, public_message as describe_error, wordpiece_costs
+from ..serving.batcher import Job, QueueFull, ShuttingDown
+from ..serving.server import ServeConfig, check_size, install_error_handlers, public_info
 
 logger = logging.getLogger("spacy_ptuning.ray_serve")
 

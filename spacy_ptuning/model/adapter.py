@@ -1,0 +1,202 @@
+"""The adapter: one task's trainable prompts over the shared frozen backbone.
+
+:class:`Adapter` owns only the prompt parameters. It *borrows* the shared
+frozen backbone: the backbone is not a registered submodule, so it is not in
+``parameters()``/``state_dict()``, never reaches the optimizer and is never
+saved. Its forward pass is the prompted pass of ``encode.py`` (the one a
+mixed-adapter server batch runs too): length-sorted groups of similar
+length, the prompts injected as key/value prefixes (``injection.py``) or
+put in front of the text as input embeddings.
+"""
+import copy
+from typing import List, Optional
+
+import torch
+
+from .backbone import Backbone, load_backbone
+from ..errors import ConfigError, Errors
+from .encode import encode_rows, rows_of_batch
+from .layer_mix import ScalarMix, resolve_layers
+from .methods import MethodSettings, settings_for
+
+
+class Adapter(torch.nn.Module):
+    """One task's trainable continuous prompts over a borrowed frozen backbone.
+
+    ``forward(input_ids, attention_mask, token_type_ids)`` returns the last
+    hidden states of the real wordpieces only, shape (batch, length, width).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        method: str = "prefix",
+        num_virtual_tokens: int = 16,
+        prompt_dropout: float = 0.0,
+        max_batch_tokens: int = 4096,
+        layer_mix: Optional[List[int]] = None,
+        requested_dtype: Optional[str] = None,
+        **options,
+    ):
+        """``method`` and its ``options`` (e.g. prefix_projection,
+        prompt_encoder) make the method's settings (``methods``); options of
+        other methods are accepted at their defaults."""
+        super().__init__()
+        settings = settings_for(method, num_virtual_tokens, prompt_dropout, **options)
+        settings.validate(backbone)
+        if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 0:
+            raise ConfigError(
+                Errors.E012.format(option="max_batch_tokens", rule="0 (no grouping) or a positive number of wordpieces", value=max_batch_tokens)
+            )
+        self.settings: MethodSettings = settings
+        self._backbone = [backbone]  # a list, so torch does not register it
+        # The dtype setting the backbone was loaded with: "auto" is resolved
+        # again for the device the adapter moves to (see _apply).
+        self.requested_dtype = requested_dtype
+        self.max_batch_tokens = max_batch_tokens
+        # Padding efficiency: real wordpieces / positions sent to the backbone.
+        self.tokens_real = 0
+        self.tokens_sent = 0
+        self.method = settings.name
+        self.input_prompts = settings.input_prompts
+        self.num_virtual_tokens = settings.num_virtual_tokens
+        self.prompts: torch.nn.Module = settings.build(backbone)
+        # The hidden states read out (layer_mix.py); None: the last layer alone,
+        # and no parameter (adapters saved before the mix load unchanged).
+        layers = resolve_layers(layer_mix, backbone.num_layers)
+        self.mix: Optional[ScalarMix] = ScalarMix(layers) if layers is not None else None
+        self._prompt_cache: Optional[tuple] = None
+        self.to(backbone.device)
+
+    def invalidate_prompt_cache(self) -> None:
+        self._prompt_cache = None
+
+    def prompt_row(self) -> torch.Tensor:
+        """This adapter's prompts for one row, in the backbone's dtype:
+        (V, embed_width) input prompts or (layers, 2, P, kv_width) prefixes
+        (``encode.py`` places them per row; dropout, if any, is shared by the
+        rows of a pass). Cast once, before any row uses them, so that a
+        half-precision backbone never gets a float32 copy per row. At
+        inference (eval mode, no grad) they are computed once and reused
+        until a parameter changes: torch's version counters see in-place
+        edits and ``load_state_dict``; thinc's optimizers write through array
+        views that they do not see, so the shim's ``finish_update`` calls
+        :meth:`invalidate_prompt_cache`. The P-Tuning v1 LSTM or a prefix
+        MLP would otherwise run for every batch."""
+        if self.training or torch.is_grad_enabled():
+            return self.prompts().to(self.backbone.model.dtype)
+        key = tuple((id(p), p._version) for p in self.parameters())
+        cache = self._prompt_cache
+        if cache is None or cache[0] != key:
+            cache = self._prompt_cache = (key, self.prompts().to(self.backbone.model.dtype))
+        return cache[1]
+
+    def prompt_values(self, batch_size: int):
+        """The prompts expanded to ``batch_size`` rows, in the layout HF
+        attention takes: (batch, V, embed_width) input prompts, or one
+        (key, value) pair of (batch, P, kv_width) per layer (what
+        ``injection.injected_prefix`` and the tests' references take)."""
+        row = self.prompt_row()
+        if self.input_prompts:
+            return row.unsqueeze(0).expand(batch_size, -1, -1)
+        return [(layer[0].expand(batch_size, -1, -1), layer[1].expand(batch_size, -1, -1)) for layer in row]
+
+    @property
+    def backbone(self) -> Backbone:
+        return self._backbone[0]
+
+    # Pickling and copying never duplicate the shared backbone. A pickle (what
+    # nlp.pipe(n_process=...) sends to spawned workers; pickle.dumps(nlp))
+    # holds the prompts and the backbone's load settings (name, revision,
+    # dtype, device), and unpickling resolves the shared backbone with
+    # load_backbone: in the same process the very same object, in another
+    # process that process's shared copy, loaded from the same files. A pickle
+    # is a transient transfer, not a storage format, so it carries no
+    # fingerprint (nlp.to_disk/to_bytes do, and check it on load). A deep copy
+    # (copy.deepcopy(nlp), thinc's Model.copy) copies the prompts and borrows
+    # the same backbone object.
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__().copy()
+        state["_prompt_cache"] = None
+        bb = self.backbone
+        state["_backbone"] = {
+            "name": bb.name,
+            "revision": bb.revision,
+            "dtype": bb.dtype,
+            "device": str(bb.device),
+        }
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        settings = state.get("_backbone")
+        if isinstance(settings, dict):
+            backbone = load_backbone(
+                settings["name"],
+                revision=settings["revision"],
+                dtype=settings["dtype"],
+                device=torch.device(settings["device"]),
+            )
+            state = {**state, "_backbone": [backbone]}
+        super().__setstate__(state)
+
+    def __deepcopy__(self, memo: dict) -> "Adapter":
+        memo[id(self.backbone)] = self.backbone  # shared, never copied
+        copied = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copied
+        for key, value in self.__dict__.items():
+            object.__setattr__(copied, key, copy.deepcopy(value, memo))
+        return copied
+
+    @property
+    def max_length(self) -> int:
+        """Most real wordpieces per sequence. Prefixes take no positions;
+        input prompts occupy ``num_virtual_tokens`` of them."""
+        if self.input_prompts:
+            return self.backbone.max_length - self.num_virtual_tokens
+        return self.backbone.max_length
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.cuda()/.cpu() on the adapter rebinds it to the shared copy
+        # of its backbone on the new device (loaded there once if needed).
+        result = super()._apply(fn, *args, **kwargs)
+        params = list(self.parameters())
+        if hasattr(self, "_backbone") and params:
+            bb = self.backbone
+            if params[0].device != bb.device:
+                dtype = "auto" if self.__dict__.get("requested_dtype") == "auto" else bb.dtype
+                self._backbone[0] = load_backbone(bb.name, revision=bb.revision, dtype=dtype, device=params[0].device)
+        return result
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The prompted pass (``encode.py``) over length-sorted groups of
+        similar length (less padding); the vectors come back in the input
+        order and shape (batch, length, width), zeros where it is padded."""
+        if token_type_ids is not None and not self.backbone.takes_token_types:
+            token_type_ids = None
+        rows = rows_of_batch(self, input_ids, attention_mask, token_type_ids)
+        hidden, groups = encode_rows(self.backbone, rows, self.max_batch_tokens)
+        lengths = [len(row.input_ids) for row in rows]
+        self.tokens_real += sum(lengths)
+        self.tokens_sent += sum(len(g) * max(1, max(lengths[i] for i in g)) for g in groups)
+        batch_size, width = input_ids.shape
+        out = hidden[0].new_zeros((batch_size, width, hidden[0].shape[-1]))
+        for r, h in enumerate(hidden):
+            out[r, attention_mask[r].bool()] = h
+        return out
+
+    def read_hidden(self, output, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """This adapter's token vectors from a backbone pass, float32: its
+        mix of hidden states (the pass must have been run with
+        ``output_hidden_states``), or the last layer. ``rows``: only these
+        rows of the pass (a mixed-adapter pass reads each adapter's rows)."""
+        if self.mix is None:
+            hidden = output.last_hidden_state
+            return (hidden if rows is None else hidden[rows]).float()
+        states = output.hidden_states if rows is None else [h[rows] for h in output.hidden_states]
+        return self.mix(states)
