@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import common
-import report
-from common import SYSTEMS, TASKS, parse_system
+from lib import common
+from lib import report
+from lib.common import SYSTEMS, TASKS, parse_system
 
 PEFT_SYSTEMS = ("peft", "peft_ptuning", "peft_prompt")
 

@@ -27,7 +27,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Dict, Optional
 
-import common
+from lib import common
 
 METHODS = ("prefix", "prompt_encoder", "prompt")
 

@@ -14,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-import common
+from lib import common
 
 CONFIGS = common.REPO / "configs"
 TASKS = {"ner": ("ner.cfg", "ner"), "textcat": ("textcat.cfg", "textcat")}

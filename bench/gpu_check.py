@@ -20,7 +20,9 @@ import numpy
 import spacy
 import torch
 from spacy.training import Example
-from thinc.api import Adam, get_current_ops, require_cpu, require_gpu, set_gpu_allocator
+from thinc.api import Adam, get_current_ops, require_cpu
+
+from lib.device import use_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,17 +86,6 @@ def vectors(nlp, texts):
     tok2vec = nlp.get_pipe("ptuning_ner").model.get_ref("tok2vec")
     out = tok2vec.predict([nlp.make_doc(t) for t in texts])
     return [get_current_ops().to_numpy(x) for x in out]
-
-
-def use_device(device: str) -> None:
-    """thinc and torch on the GPU (torch's allocator for both), or the CPU."""
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            sys.exit("No CUDA device: run with --device cpu for a smoke test.")
-        set_gpu_allocator("pytorch")
-        require_gpu(0)
-    else:
-        require_cpu()
 
 
 def main() -> None:

@@ -26,8 +26,8 @@ from pathlib import Path
 import spacy
 import torch
 from spacy.training import Example
-from gpu_check import use_device
-from serve_load import ADAPTERS  # the load test's ten adapters
+from lib.device import use_device
+from lib.serving import ADAPTERS  # the load test's ten adapters
 
 ROOT = Path(__file__).resolve().parents[1]
 

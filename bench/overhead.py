@@ -16,7 +16,7 @@ import pstats
 import time
 from pathlib import Path
 
-import common
+from lib import common
 
 STAGES = [  # (stage, (file suffix, function name)), first match wins per function
     ("spaCy tokenizer (make_doc)", ("spacy/language.py", "make_doc")),

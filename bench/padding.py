@@ -12,7 +12,7 @@ the backbone and words/s.
 import argparse
 from pathlib import Path
 
-import common
+from lib import common
 
 
 def main() -> None:

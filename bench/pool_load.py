@@ -9,8 +9,8 @@ import argparse
 import statistics
 import time
 
-import common
-from serve_load import build_adapters
+from lib import common
+from lib.serving import build_adapters
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 """Ray Serve: throughput of 1 vs 2 replicas, and memory per replica with ten
 adapters (``spacy_ptuning.ray.serve``), beside our own one-process server.
 
-The ten adapters and the traffic of ``bench/serve_load.py`` (MiniLM backbone;
+The ten adapters and the traffic of ``bench/serving.py`` (MiniLM backbone;
 5 NER adapters get CoNLL-2003 dev sentences, 5 sentiment adapters SST-2 dev
 sentences; one sentence per request, adapters drawn uniformly; ``--clients``
 closed-loop clients), on a local Ray instance with this machine's CPUs,
@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-import common
-import serve_load
+from lib import common
+from lib import serving
 
 APP = "bench"
 
@@ -84,10 +84,10 @@ def run_ray(folder: Path, replicas: int, cpus: float, port: int, work, names, ar
             placement[name] = r.headers["x-ptuning-replica"]
             time.sleep(0.5)
     startup_s = time.perf_counter() - start
-    asyncio.run(serve_load.closed_loop(url, work, args.clients, 5, 300))  # warm
+    asyncio.run(serving.closed_loop(url, work, args.clients, 5, 300))  # warm
     pids = replica_pids()
     rss_before = rss_mb(pids)
-    run = asyncio.run(serve_load.closed_loop(url, work, args.clients, args.seconds, args.max_requests))
+    run = asyncio.run(serving.closed_loop(url, work, args.clients, args.seconds, args.max_requests))
     rss_after = rss_mb(pids)
     serve.delete(APP)
     return summarise(f"ray {replicas}x{cpus:g}", run, {
@@ -98,12 +98,12 @@ def run_ray(folder: Path, replicas: int, cpus: float, port: int, work, names, ar
 
 
 def run_ours(folder: Path, work, args) -> dict:
-    server = serve_load.Server(folder, "mixed", max_loaded=10, preload="all")
+    server = serving.Server(folder, serving.load_test_args("mixed", 10, "all"))
     try:
         server.wait_ready()
-        asyncio.run(serve_load.closed_loop(server.url, work, args.clients, 5, 300))
+        asyncio.run(serving.closed_loop(server.url, work, args.clients, 5, 300))
         rss_before = server.rss_mb()
-        run = asyncio.run(serve_load.closed_loop(server.url, work, args.clients, args.seconds, args.max_requests))
+        run = asyncio.run(serving.closed_loop(server.url, work, args.clients, args.seconds, args.max_requests))
         rss_after = server.rss_mb()
     finally:
         server.stop()
@@ -118,8 +118,8 @@ def summarise(mode: str, run: dict, extra: dict) -> dict:
         "mode": mode, "ok": len(lat), "seconds": round(run["seconds"], 1),
         "errors": {str(k): v for k, v in run["statuses"].items() if k != 200},
         "docs_per_s": round(len(lat) / run["seconds"], 1),
-        "p50_ms": round(1000 * serve_load.percentile(lat, 50), 1),
-        "p95_ms": round(1000 * serve_load.percentile(lat, 95), 1),
+        "p50_ms": round(1000 * serving.percentile(lat, 50), 1),
+        "p95_ms": round(1000 * serving.percentile(lat, 95), 1),
         **extra,
     }
 
@@ -160,9 +160,9 @@ def main() -> None:
         "ner": [" ".join(common.words(d)) for d in common.read_conll(args.data_dir / "conll2003" / "dev.iob", vocab)],
         "textcat": [d.text for d in common.read_sst2(args.data_dir / "sst2" / "dev.tsv", vocab)],
     }
-    folder = serve_load.build_adapters(args.out_dir / "serve_adapters", args.data_dir, False)["ptuning"]
-    tasks = {name: task for name, task, _, _ in serve_load.ADAPTERS}
-    names = [a[0] for a in serve_load.ADAPTERS]
+    folder = serving.build_adapters(args.out_dir / "serve_adapters", args.data_dir, False)["ptuning"]
+    tasks = {name: task for name, task, _, _ in serving.ADAPTERS}
+    names = [a[0] for a in serving.ADAPTERS]
 
     def work(rng):
         name = rng.choice(names)
@@ -170,7 +170,7 @@ def main() -> None:
 
     report = {"machine": common.machine_info(), "load_before": [round(x, 2) for x in os.getloadavg()], "clients": args.clients,
               "seconds_per_config": args.seconds, "max_requests": args.max_requests, "results": []}
-    port = serve_load.free_port()
+    port = serving.free_port()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -33,7 +33,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from lib import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 PER_REQUEST = 8  # sentences per request in the overload scenario
@@ -69,44 +70,14 @@ def build_adapters(folder: Path, n: int) -> None:
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(serving.Server):
+    """A server of the source tree ``src`` (before/after) reloading every second."""
 
-
-class Server:
     def __init__(self, src: Path, folder: Path, extra=()):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, PYTHONPATH=str(src), HF_HUB_OFFLINE="1")
-        cmd = [sys.executable, "-m", "spacy", "ptuning", "serve", str(folder), "--port", str(self.port),
-               "--log-level", "warning", "--check-interval", "1", *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=src)
-
-    def wait_ready(self, timeout=300):
-        end = time.time() + timeout
-        while time.time() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stderr.read()[-3000:])
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("server not ready")
+        super().__init__(folder, ["--check-interval", "1", *extra], src=src)
 
     def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{"))
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        return serving.metric(self.metrics(), name)
 
 
 def pct(values, q):

@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-import common
+from lib import common
 
 SYSTEMS = ("ours", "spacy-transformers", "spacy-plain")
 COUNTS = (1, 2, 5, 10)

@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-import common
+from lib import common
 
 SYSTEMS = {
     "st": "spacy-transformers trf + ner, full fine-tuning (float32)",

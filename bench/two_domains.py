@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-import common
+from lib import common
 
 DEV = {"news": "conll2003/dev.iob", "medical": "bc5cdr/dev.iob"}
 

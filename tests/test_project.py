@@ -10,7 +10,7 @@ import pytest
 REPO = Path(__file__).parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-import common  # noqa: E402
+from lib import common  # noqa: E402
 
 
 def test_project_workflows_resolve():

@@ -1,0 +1,1 @@
+"""What the bench/ scripts share (no script imports another script)."""
