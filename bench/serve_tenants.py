@@ -114,12 +114,14 @@ def main() -> None:
             shutil.rmtree(folder, ignore_errors=True)
             tasks = make_tenants(base, folder, n)
             made = time.perf_counter() - t0
-            server = Server(folder, load_test_args(args.modes.split(",")[0], n, "all") + args.server_args.split())
             for mode in args.modes.split(","):
-                server.stop()
                 server = Server(folder, load_test_args(mode, n, "all") + args.server_args.split())
                 t1 = time.perf_counter()
-                server.wait_ready(timeout=3600)
+                try:
+                    server.wait_ready(timeout=3600)
+                except Exception:
+                    server.stop()
+                    raise
                 ready = time.perf_counter() - t1
                 names = sorted(tasks)
                 for traffic in args.traffic.split(","):
@@ -144,7 +146,7 @@ def main() -> None:
                         "rss_mb": rss, "ready_s": ready, "made_s": made,
                     })
                     print(json.dumps(rows[-1]), flush=True)
-            server.stop()
+                server.stop()
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
