@@ -82,6 +82,30 @@ def make_tenants(base: Path, out: Path, n: int) -> Dict[str, str]:
     return tasks
 
 
+def measure(server: Server, tasks: Dict[str, str], texts: Dict[str, list], traffic: str, args) -> dict:
+    """One bounded closed-loop run over the server's tenants."""
+    names = sorted(tasks)
+    order = names[:]
+    random.Random(7).shuffle(order)  # which tenants are popular: not the kind order
+    weights = [1.0 / (r + 1) ** 1.1 for r in range(len(order))] if traffic == "zipf" else None
+
+    def work(rng):
+        name = rng.choices(order, weights)[0] if weights else rng.choice(order)
+        return name, rng.choice(texts[tasks[name]])
+
+    asyncio.run(closed_loop(server.url, work, args.clients, 3, 200))  # warm
+    run = asyncio.run(closed_loop(server.url, work, args.clients, args.seconds, args.max_requests))
+    ok = len(run["latencies"])
+    return {
+        "ok": ok,
+        "errors": {str(k): v for k, v in run["statuses"].items() if k != 200},
+        "docs_per_s": ok / run["seconds"],
+        "p50_ms": 1000 * percentile(run["latencies"], 50),
+        "p95_ms": 1000 * percentile(run["latencies"], 95),
+        "rss_mb": server.rss_mb(),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=common.DEFAULT_DATA)
@@ -116,37 +140,16 @@ def main() -> None:
             made = time.perf_counter() - t0
             for mode in args.modes.split(","):
                 server = Server(folder, load_test_args(mode, n, "all") + args.server_args.split())
-                t1 = time.perf_counter()
                 try:
+                    t1 = time.perf_counter()
                     server.wait_ready(timeout=3600)
-                except Exception:
+                    ready = time.perf_counter() - t1
+                    for traffic in args.traffic.split(","):
+                        rows.append(measure(server, tasks, texts, traffic, args) | {
+                            "tenants": n, "mode": mode, "traffic": traffic, "ready_s": ready, "made_s": made})
+                        print(json.dumps(rows[-1]), flush=True)
+                finally:
                     server.stop()
-                    raise
-                ready = time.perf_counter() - t1
-                names = sorted(tasks)
-                for traffic in args.traffic.split(","):
-                    weights = [1.0 / (r + 1) ** 1.1 for r in range(len(names))] if traffic == "zipf" else None
-                    order = names[:]
-                    random.Random(7).shuffle(order)  # which tenants are popular: not the kind order
-
-                    def work(rng, order=order, weights=weights):
-                        name = rng.choices(order, weights)[0] if weights else rng.choice(order)
-                        return name, rng.choice(texts[tasks[name]])
-
-                    asyncio.run(closed_loop(server.url, work, args.clients, 3, 200))  # warm
-                    run = asyncio.run(closed_loop(server.url, work, args.clients, args.seconds, args.max_requests))
-                    ok = len(run["latencies"])
-                    rss = server.rss_mb()
-                    rows.append({
-                        "tenants": n, "mode": mode, "traffic": traffic, "ok": ok,
-                        "errors": {str(k): v for k, v in run["statuses"].items() if k != 200},
-                        "docs_per_s": ok / run["seconds"],
-                        "p50_ms": 1000 * percentile(run["latencies"], 50),
-                        "p95_ms": 1000 * percentile(run["latencies"], 95),
-                        "rss_mb": rss, "ready_s": ready, "made_s": made,
-                    })
-                    print(json.dumps(rows[-1]), flush=True)
-                server.stop()
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
