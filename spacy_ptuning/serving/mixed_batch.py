@@ -30,7 +30,7 @@ from transformers.file_utils import ModelOutput
 
 from ..model import encode
 from ..model.backbone import Backbone
-from ..model.encode import Row
+from ..model.encode import Row, rows_of_batch
 from ..pipeline.architectures import vectors_from_batch
 from ..pipeline.precomputed import attached
 from ..pipeline.transformer_model import find_adapter_layers, prepare_wordpieces
@@ -129,7 +129,7 @@ def _run_pipes(nlp: Language, docs: List[Doc], start: int, end: int) -> None:
 def _mixed_vectors(jobs, max_batch_tokens: int, stats: Optional[MixedStats]) -> Dict[Tuple[int, int], object]:
     """Token vectors for every (tok2vec, doc) of the jobs, from shared passes."""
     vectors: Dict[Tuple[int, int], object] = {}
-    prepared = []  # (job, nested_spans, wordpieces, align, backbone key, first row index)
+    prepared = []  # (job, nested_spans, wordpieces, align, mask, backbone key, first row index)
     rows_by_backbone: Dict[int, Tuple[Backbone, List[Row]]] = {}
     for job in jobs:
         tok2vec, transformer, adapter, docs = job
@@ -146,19 +146,16 @@ def _mixed_vectors(jobs, max_batch_tokens: int, stats: Optional[MixedStats]) -> 
         mask = torch.as_tensor(wordpieces.attention_mask, device=device)
         types = wordpieces.token_type_ids
         types = torch.as_tensor(types, device=device) if types is not None else None
-        for r in range(ids.shape[0]):
-            n = int(mask[r].sum())
-            rows.append(Row(adapter, ids[r, :n], types[r, :n] if types is not None else None))
-        prepared.append((job, nested_spans, wordpieces, align, id(adapter.backbone), start))
+        rows.extend(rows_of_batch(adapter, ids, mask, types))
+        prepared.append((job, nested_spans, wordpieces, align, mask, id(adapter.backbone), start))
     hidden: Dict[int, List[torch.Tensor]] = {}
     for key, (backbone, rows) in rows_by_backbone.items():
         hidden[key] = encode_rows(backbone, rows, max_batch_tokens, stats)
-    for (tok2vec, _, adapter, docs), nested_spans, wordpieces, align, key, start in prepared:
+    for (tok2vec, _, adapter, docs), nested_spans, wordpieces, align, mask, key, start in prepared:
         batch_size, width = wordpieces.input_ids.shape
         out = torch.zeros((batch_size, width, adapter.backbone.hidden_width), device=adapter.backbone.device)
         for r in range(batch_size):
-            h = hidden[key][start + r]
-            out[r, : h.shape[0]] = h
+            out[r, mask[r].bool()] = hidden[key][start + r]
         full = FullTransformerBatch(
             spans=nested_spans,
             wordpieces=wordpieces,
