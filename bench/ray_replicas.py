@@ -2,7 +2,7 @@
 """Ray Serve: throughput of 1 vs 2 replicas, and memory per replica with ten
 adapters (``spacy_ptuning.ray.serve``), beside our own one-process server.
 
-The ten adapters and the traffic of ``bench/serving.py`` (MiniLM backbone;
+The ten adapters and the traffic of ``bench/lib/serving.py`` (MiniLM backbone;
 5 NER adapters get CoNLL-2003 dev sentences, 5 sentiment adapters SST-2 dev
 sentences; one sentence per request, adapters drawn uniformly; ``--clients``
 closed-loop clients), on a local Ray instance with this machine's CPUs,

@@ -86,12 +86,13 @@ class _MovedModule(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.util.spec_from_loader(fullname, self)
 
     def create_module(self, spec):
-        return importlib.import_module(f"{__name__}.{MOVED[spec.name.rpartition('.')[2]]}")
+        module = importlib.import_module(f"{__name__}.{MOVED[spec.name.rpartition('.')[2]]}")
+        spec.loader_state = module.__spec__  # importlib sets the old name's spec on it next
+        return module
 
     def exec_module(self, module):
-        # Already executed at its new place; importlib has just set the old
-        # name's spec on it: give it back its own.
-        module.__spec__ = importlib.util.find_spec(module.__name__)
+        # Already executed at its new place: give it back its own spec.
+        module.__spec__ = module.__spec__.loader_state
 
 
 if not any(isinstance(finder, _MovedModule) for finder in sys.meta_path):

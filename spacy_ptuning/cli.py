@@ -124,7 +124,7 @@ def annotate_cli(
     code_path: Optional[Path] = Opt(None, "--code", "-c", help="Path to Python file with additional code to import before loading adapters"),
     # fmt: on
 ):
-    """Annotate a JSONL/Parquet dataset with Ray Data (spacy_ptuning.ray_data):
+    """Annotate a JSONL/Parquet dataset with Ray Data (spacy_ptuning.ray.data):
     one file per shard of rows, resumable; needs the 'ray' extra."""
     try:
         from .errors import PTuningError

@@ -141,7 +141,7 @@ class Errors(metaclass=ErrorsWithCodes):
         "Invalid adapter name {name}: use 1-128 letters, digits, '_', '-' "
         "or '.', starting with a letter or digit (names never become paths)."
     )
-    # Scale-out on Ray (E036-E043): spacy_ptuning.ray_serve, spacy_ptuning.ray_data.
+    # Scale-out on Ray (E036-E043): spacy_ptuning.ray.serve, spacy_ptuning.ray.data.
     E036 = (
         "{what} needs Ray ({error}). Install the 'ray' extra: "
         "pip install \"spacy-ptuning[ray]\" (Ray Serve and Ray Data)."
@@ -184,8 +184,8 @@ class Errors(metaclass=ErrorsWithCodes):
         "root). Give a folder written by nlp.to_disk; installed packages are not "
         "taken over HTTP."
     )
-    # Reading more of the backbone (E046-E048): spacy_ptuning.layer_mix,
-    # spacy_ptuning.word_features.
+    # Reading more of the backbone (E046-E048): spacy_ptuning.model.layer_mix,
+    # spacy_ptuning.pipeline.word_features.
     E046 = (
         "layer_mix = {value} cannot be used: {problem}. This backbone has {count} "
         "hidden states: 0 (the embedding output) to {last} (the last layer); "

@@ -147,3 +147,25 @@ def test_precomputed_vectors_never_stay_on_a_doc(tiny_bert):
     with pytest.raises(RuntimeError, match="boom"):
         pipe_mixed([(nlp, given[0])])
     assert not any(isinstance(k, tuple) and k[0] == KEY for k in given[0].user_data)
+
+
+def test_a_copied_model_predicts_and_mixes_like_the_original(tiny_bert):
+    """thinc's Model.copy() (spaCy's replace_listeners calls it) keeps what
+    the serving path reads of the tok2vec's tree (it drops named refs)."""
+    import numpy
+
+    from spacy_ptuning.pipeline.transformer_model import find_adapter_layers
+    from spacy_ptuning.serving.mixed_batch import MixedStats, _mixed_vectors
+
+    from .helpers import pipeline
+
+    nlp = pipeline(tiny_bert, "ptuning_ner", "prefix", 4, 1)
+    (tok2vec, _, _), = find_adapter_layers(nlp.get_pipe("ptuning_ner"))
+    copied = tok2vec.copy()
+    docs = [nlp.make_doc(t) for t in ("alice visited paris", "bob")]
+    for a, b in zip(tok2vec.predict(docs), copied.predict(docs)):
+        numpy.testing.assert_allclose(a, b, atol=1e-6)
+    (node, transformer, adapter), = [f for f in find_adapter_layers(type("C", (), {"model": copied})())]
+    mixed = _mixed_vectors([(node, transformer, adapter, docs)], 4096, MixedStats())
+    for doc, expected in zip(docs, copied.predict(docs)):
+        numpy.testing.assert_allclose(mixed[(id(node), id(doc))], expected, atol=1e-5)

@@ -156,7 +156,9 @@ def test_length_grouping_changes_nothing_but_padding(tiny_bert, method):
     input_ids, mask, token_types = _encode(backbone, texts)
     grouped = Adapter(backbone, method, num_virtual_tokens=3, max_batch_tokens=8)
     _randomise(grouped)
-    one = grouped._encode(input_ids, mask, token_types)  # one padded batch
+    grouped.max_batch_tokens = 0
+    one = grouped(input_ids, mask, token_types)  # one padded batch
+    grouped.max_batch_tokens, grouped.tokens_sent, grouped.tokens_real = 8, 0, 0
     many = grouped(input_ids, mask, token_types)
     real = mask.bool()
     assert torch.allclose(one[real], many[real], atol=1e-5)

@@ -3,9 +3,9 @@ pipeline builders, one timed training loop, scoring with spaCy's scorer,
 memory / saved-size / machine information, and isolated runs in fresh
 processes (multiprocessing, spawn).
 
-The scripts beside it import it as ``common`` (``python bench/X.py`` puts
-bench/ on the path). gpu_check.py stays standalone: it runs on GPU machines
-that have only spaCy and transformers.
+The scripts import it as ``from lib import common`` (``python bench/X.py``
+puts bench/ on the path). The GPU checks do not import it: they run on GPU
+machines that have only spaCy and transformers.
 """
 import json
 import math
@@ -20,7 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results"
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 

@@ -15,9 +15,9 @@ import torch
 
 from .backbone import Backbone, load_backbone
 from ..errors import ConfigError, Errors
-from .encode import encode_rows, rows_of_batch
+from .encode import encode_rows, length_groups, rows_of_batch  # noqa: F401  (length_groups: its 0.1.0 home)
 from .layer_mix import ScalarMix, resolve_layers
-from .methods import MethodSettings, settings_for
+from .methods import MIN_TEXT_POSITIONS, MethodSettings, settings_for  # noqa: F401  (MIN_TEXT_POSITIONS: its 0.1.0 home)
 
 
 class Adapter(torch.nn.Module):
@@ -32,22 +32,30 @@ class Adapter(torch.nn.Module):
         backbone: Backbone,
         method: str = "prefix",
         num_virtual_tokens: int = 16,
+        prefix_projection: int = 0,
+        prompt_encoder: str = "lstm",
         prompt_dropout: float = 0.0,
         max_batch_tokens: int = 4096,
+        *,
         layer_mix: Optional[List[int]] = None,
         requested_dtype: Optional[str] = None,
         **options,
     ):
-        """``method`` and its ``options`` (e.g. prefix_projection,
-        prompt_encoder) make the method's settings (``methods``); options of
-        other methods are accepted at their defaults."""
+        """``method`` and its options make the method's settings
+        (``methods``): the built-in methods' options by name, as in release
+        0.1.0, any other registered method's as keyword ``options``; options
+        of other methods are accepted at their defaults."""
         super().__init__()
-        settings = settings_for(method, num_virtual_tokens, prompt_dropout, **options)
-        settings.validate(backbone)
+        settings = settings_for(
+            method, num_virtual_tokens, prompt_dropout,
+            prefix_projection=prefix_projection, prompt_encoder=prompt_encoder, **options,
+        )
+        settings.check()
         if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 0:
             raise ConfigError(
                 Errors.E012.format(option="max_batch_tokens", rule="0 (no grouping) or a positive number of wordpieces", value=max_batch_tokens)
             )
+        settings.check_backbone(backbone)
         self.settings: MethodSettings = settings
         self._backbone = [backbone]  # a list, so torch does not register it
         # The dtype setting the backbone was loaded with: "auto" is resolved
@@ -74,8 +82,8 @@ class Adapter(torch.nn.Module):
     def prompt_row(self) -> torch.Tensor:
         """This adapter's prompts for one row, in the backbone's dtype:
         (V, embed_width) input prompts or (layers, 2, P, kv_width) prefixes
-        (``encode.py`` places them per row; dropout, if any, is shared by the
-        rows of a pass). Cast once, before any row uses them, so that a
+        (``encode.py`` places them per row; dropout, if any, draws one mask
+        per forward call, shared by all its rows and length groups). Cast once, before any row uses them, so that a
         half-precision backbone never gets a float32 copy per row. At
         inference (eval mode, no grad) they are computed once and reused
         until a parameter changes: torch's version counters see in-place

@@ -97,8 +97,13 @@ def _encode_group(backbone: "Backbone", rows: List[Row], prompts: Dict[int, torc
     for b, row in enumerate(rows):
         ids[b, : lengths[b]] = row.input_ids
     text = embed(ids)
+    # One adapter in the group (training, one pipeline alone): its prompts
+    # as views of one row, not a copy per row.
+    single = rows[0].adapter if all(r.adapter is rows[0].adapter for r in rows) else None
     if not any(virtual):
         embeds = text[:, :S]
+    elif single is not None:
+        embeds = torch.cat([prompts[id(single)].to(dtype).unsqueeze(0).expand(B, -1, -1), text], dim=1)[:, :S]
     else:
         embeds = torch.zeros((B, S, text.shape[-1]), dtype=dtype, device=device)
         for b, row in enumerate(rows):
@@ -117,7 +122,12 @@ def _encode_group(backbone: "Backbone", rows: List[Row], prompts: Dict[int, torc
                 types[b, virtual[b] : virtual[b] + lengths[b]] = row.token_types
         extra["token_type_ids"] = types
     P = max((r.adapter.num_virtual_tokens for r in rows if not r.adapter.input_prompts), default=0)
-    if P:
+    if P and single is not None:
+        prefix = [(layer[KEY].expand(B, -1, -1), layer[VALUE].expand(B, -1, -1)) for layer in prompts[id(single)].to(dtype)]
+        full_mask = torch.cat([mask.new_ones((B, P)), mask], dim=1) if backbone.family.mask_includes_prefix else mask
+        with injected_prefix(backbone, prefix):
+            output = model(inputs_embeds=embeds, attention_mask=full_mask, **extra)
+    elif P:
         # Each row's prefixes right-aligned in P columns, the rest masked.
         stacked = torch.zeros((backbone.num_layers, 2, B, P, backbone.kv_width), dtype=dtype, device=device)
         sizes = torch.zeros(B, dtype=torch.long, device=device)

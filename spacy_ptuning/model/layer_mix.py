@@ -5,9 +5,10 @@ A frozen encoder's best features for a task are rarely all in its last layer
 (the feature-based ablation of the BERT paper combines several layers to come
 within a few tenths of fine-tuning on CoNLL-2003). The mix costs k + 1
 parameters, travels with the adapter's prompts (it is part of the adapter's
-state, so it is saved in the same safetensors), and is applied the same way
-by the adapter alone (``Adapter._encode``) and by a mixed-adapter pass
-(``mixed_batch._encode_group``), each row with its own adapter's mix.
+state, so it is saved in the same safetensors), and is applied in the one
+prompted pass (``model.encode``, through ``Adapter.read_hidden``) that an
+adapter alone and a mixed-adapter batch both run, each row with its own
+adapter's mix.
 
 Hidden-state indices follow Hugging Face's ``output_hidden_states``: 0 is
 the embedding output, ``num_layers`` the last layer, negative indices count

@@ -9,7 +9,7 @@ on load, that the backbone in memory is the one the adapter was trained on.
 The envelope (format ``spacy-ptuning-adapter/2``) holds ``format``,
 ``backbone`` (the name it was trained with), ``fingerprint`` (see
 ``identity.py``), ``method``, ``num_virtual_tokens``, ``settings`` (every
-setting of the method and the layer mix; written since 0.2, informational),
+setting of the method and the layer mix; informational, older files lack it),
 ``weights`` (the safetensors bytes) and ``weights_sha256`` (their checksum). Loading checks,
 in order: the backbone's identity (E006), the checksum (E015), that the
 tensors are finite (E014), and that they fit the configured prompts (E007).

@@ -138,25 +138,28 @@ def _prompted_tok2vec(
     )
     if pooling is None:
         pooling = reduce_mean()
-    transformer = ptuning_transformer_model(module, get_spans)
-    model = chain(transformer, split_trf_batch(), trfs2arrays(pooling, grad_factor))
+    model = chain(ptuning_transformer_model(module, get_spans), split_trf_batch(), trfs2arrays(pooling, grad_factor))
     model.set_dim("nO", shared.hidden_width)
-    return _allow_empty_batches(model, transformer)
+    return _allow_empty_batches(model)
 
 
-def _allow_empty_batches(model: Model[List[Doc], List[Floats2d]], transformer: Model) -> Model[List[Doc], List[Floats2d]]:
+def _allow_empty_batches(model: Model[List[Doc], List[Floats2d]]) -> Model[List[Doc], List[Floats2d]]:
     """Answer a batch of only empty docs with (0, nO) arrays (trfs2arrays
     cannot pool an empty batch). The forward is a module-level function, so
     the model pickles (spawned workers, pickle.dumps(nlp)).
 
-    Named refs (what other modules use; the layer tree itself is release
-    0.1.0's, so saved pipelines load): "prompted", the chain docs ->
-    vectors; "transformer", its first layer, docs -> FullTransformerBatch."""
+    Its one layer is chain(ptuning-transformer, split_trf_batch,
+    trfs2arrays), the layer tree of release 0.1.0 (saved pipelines load
+    into it). Other modules reach into it only through
+    ``transformer_model.transformer_of`` and :func:`vectors_from_batch`,
+    by position: named refs would read better, but thinc's
+    ``Model.copy()`` (which spaCy's ``replace_listeners`` calls) does not
+    carry refs over (thinc 8.3 ``Model._copy``), and a copied pipeline
+    would fail on them."""
     return Model(
         "ptuning-tok2vec",
         _allow_empty_forward,
         layers=[model],
-        refs={"prompted": model, "transformer": transformer},
         dims={"nO": model.get_dim("nO")},
     )
 
@@ -166,7 +169,7 @@ def vectors_from_batch(tok2vec: Model, batch) -> List[Floats2d]:
     computed elsewhere (a mixed-adapter pass): its own split and pooling
     layers, at inference."""
     arrays = batch
-    for layer in tok2vec.get_ref("prompted").layers[1:]:  # split_trf_batch, trfs2arrays
+    for layer in tok2vec.layers[0].layers[1:]:  # split_trf_batch, trfs2arrays
         arrays = layer.predict(arrays)
     return arrays
 
@@ -179,7 +182,7 @@ def _allow_empty_forward(outer: Model, docs: List[Doc], is_train: bool):
             return _full_width(outer, vectors, width), lambda d_outputs: docs
     if all(len(doc) == 0 for doc in docs):
         return [outer.ops.alloc2f(0, width) for _ in docs], lambda d_outputs: docs
-    vectors, backprop = outer.get_ref("prompted")(docs, is_train)
+    vectors, backprop = outer.layers[0](docs, is_train)
     return _full_width(outer, vectors, width), backprop
 
 

@@ -61,28 +61,34 @@ def ptuning_transformer_model(
 ) -> Model[List[Doc], FullTransformerBatch]:
     """Docs -> FullTransformerBatch, like spacy-transformers' TransformerModel
     (same span getters, tokenisation and alignment) over a prompted encoder."""
-    adapter = adapter_layer(module)
     return Model(
         "ptuning-transformer",
         _transformer_forward,
-        layers=[adapter],
-        refs={"adapter": adapter},
+        layers=[adapter_layer(module)],
         attrs={"get_spans": get_spans},
         dims={"nO": module.backbone.hidden_width},
     )
 
 
 def find_adapter_layers(component) -> List[Tuple[Model, Model, Adapter]]:
-    """(tok2vec layer, its "transformer" ref, adapter) of every spacy-ptuning
-    tok2vec inside a pipeline component (none for other components)."""
+    """(tok2vec layer, its ptuning-transformer, adapter) of every
+    spacy-ptuning tok2vec inside a pipeline component (none for other
+    components)."""
     model = getattr(component, "model", None)
     if not isinstance(model, Model):
         return []
     found = []
     for node in model.walk():
         if node.name == "ptuning-tok2vec":
-            found.append((node, node.get_ref("transformer"), get_adapter(node)))
+            found.append((node, transformer_of(node), get_adapter(node)))
     return found
+
+
+def transformer_of(tok2vec: Model) -> Model:
+    """The ptuning-transformer layer of a ptuning tok2vec (its one layer is
+    chain(ptuning-transformer, split_trf_batch, trfs2arrays):
+    ``architectures._allow_empty_batches`` says why by position)."""
+    return tok2vec.layers[0].layers[0]
 
 
 def get_adapter(model: Model) -> Adapter:
@@ -130,7 +136,7 @@ def prepare_wordpieces(
 def _transformer_forward(
     model: Model, docs: List[Doc], is_train: bool
 ) -> Tuple[FullTransformerBatch, Callable]:
-    adapter = model.get_ref("adapter")
+    adapter = model.layers[0]  # adapter_layer
     prepared = prepare_wordpieces(model, docs)
     if prepared is None:  # only empty docs
         return FullTransformerBatch.empty(len(docs)), lambda d_output: docs

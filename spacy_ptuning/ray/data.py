@@ -45,7 +45,7 @@ try:
     import ray
     import ray.data  # noqa: F401
 except ImportError as e:  # pragma: no cover - depends on the install
-    raise ImportError(Errors.E036.format(what="spacy_ptuning.ray_data", error=e)) from e
+    raise ImportError(Errors.E036.format(what="spacy_ptuning.ray.data", error=e)) from e
 
 from ..serving.mixed_batch import pipe_mixed
 from ..serving.pool import AdapterPool, UnknownAdapter

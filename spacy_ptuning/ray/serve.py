@@ -45,7 +45,7 @@ replica keeps serving the others.
 
 Run it::
 
-    serve run spacy_ptuning.ray_serve:build_app adapters_dir=/models/adapters num_replicas=2
+    serve run spacy_ptuning.ray.serve:build_app adapters_dir=/models/adapters num_replicas=2
 
 or from a config file (``serve deploy config.yaml``); see docs/ray.md.
 """
@@ -68,7 +68,7 @@ try:
     from ray.exceptions import RayActorError
     from ray.serve.handle import DeploymentHandle
 except ImportError as e:  # pragma: no cover - depends on the install
-    raise ImportError(Errors.E036.format(what="spacy_ptuning.ray_serve", error=e)) from e
+    raise ImportError(Errors.E036.format(what="spacy_ptuning.ray.serve", error=e)) from e
 
 from ..serving.pool import AdapterPool, InvalidAdapterName, UnknownAdapter
 from ..serving.api import ItemsIn, RequestError, TextsIn, pipeline_batcher, public_message as describe_error, wordpiece_costs
@@ -365,7 +365,7 @@ _FLOAT = ("num_cpus", "num_gpus", "check_interval",
 def build_app(args: Mapping[str, Any]) -> "serve.Application":
     """The application: ``PTuningRouter`` in front of ``PTuningDeployment``.
 
-    An application builder for ``serve run spacy_ptuning.ray_serve:build_app
+    An application builder for ``serve run spacy_ptuning.ray.serve:build_app
     adapters_dir=DIR num_replicas=2`` and for the ``args:`` of a Serve config
     file. Arguments (strings from the command line are converted):
 

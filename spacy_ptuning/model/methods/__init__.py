@@ -4,8 +4,10 @@ torch module of its prompts and its settings dataclass, registered by name.
 A method's settings (a :class:`MethodSettings` subclass) say which options
 it takes (its dataclass fields beyond the common ones), check them against
 a backbone (``validate``) and build its prompt module (``build``). The
-adapter, the architectures and the saved adapter header all read them from
-here, so adding a method is one module with one registered class: in this
+adapter builds its settings here (``settings_for``) from the flat options
+that configs give, keeps them (``Adapter.settings``) and the saved adapter's
+header records them, so adding a method is one module with one registered
+class: in this
 package, or in another package under the ``spacy_ptuning_methods`` entry
 point group (catalogue reads it), e.g.
 ``[project.entry-points.spacy_ptuning_methods] my_method = "pkg.mod:MySettings"``.
@@ -16,7 +18,7 @@ prompted pass (``model.encode``) takes: (V, embed_width) input prompts or
 """
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Type
+from typing import ClassVar, Dict, List, Type
 
 import catalogue
 from torch import nn
@@ -53,12 +55,20 @@ class MethodSettings:
     def validate(self, backbone) -> None:
         """Refuse settings that cannot work on ``backbone``, before anything
         is built (a numbered ConfigError that says what to set)."""
-        n = self.num_virtual_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError(Errors.E004.format(n=n))
+        self.check()
+        self.check_backbone(backbone)
+
+    def check(self) -> None:
+        """The checks that need no backbone: length, the method's own
+        options, dropout."""
+        _check_length(self.num_virtual_tokens)
         self.validate_options()
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise ConfigError(Errors.E012.format(option="prompt_dropout", rule="in [0, 1)", value=self.prompt_dropout))
+
+    def check_backbone(self, backbone) -> None:
+        """Input prompts must leave the text room in the backbone's positions."""
+        n = self.num_virtual_tokens
         if self.input_prompts and backbone.max_length - n < MIN_TEXT_POSITIONS:
             raise ConfigError(
                 Errors.E013.format(
@@ -93,28 +103,37 @@ def register(name: str):
     return wrap
 
 
-def method_names():
-    return sorted(methods.get_all())
+def method_names() -> List[str]:
+    """Every registered method, in registration order (built-ins first)."""
+    return list(methods.get_all())
+
+
+def _check_length(n) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(Errors.E004.format(n=n))
 
 
 def settings_for(method: str, num_virtual_tokens: int = 16, prompt_dropout: float = 0.0, **options) -> MethodSettings:
     """The settings of ``method`` from flat options (as configs give them):
-    E003 for an unknown method; E011 for an option of another method set to
-    other than its default (options of other methods at their defaults are
-    ignored, so one flat config block serves every method)."""
-    known = methods.get_all()
-    if method not in known:
-        raise ConfigError(Errors.E003.format(method=method, choices=", ".join(method_names())))
-    cls = known[method]
+    E003 for an unknown method, E004 for a bad length, E011 for an option of
+    another method set to other than its default (options of other methods
+    at their defaults are ignored, so one flat config block serves every
+    method). The checks of the values themselves: ``check()``."""
+    try:
+        cls = methods.get(method)
+    except catalogue.RegistryError:
+        raise ConfigError(Errors.E003.format(method=method, choices=", ".join(method_names()))) from None
+    _check_length(num_virtual_tokens)
     own = cls.options()
-    for option, value in options.items():
-        if option in own:
-            continue
-        owners = [name for name, other in sorted(known.items()) if option in other.options()]
-        if not owners:
-            raise TypeError(f"unknown option {option!r} for method {method!r}")
-        if value != known[owners[0]].options()[option]:
-            raise ConfigError(Errors.E011.format(option=option, value=value, method=method, used_by=", ".join(owners)))
+    foreign = {k: v for k, v in options.items() if k not in own}
+    if foreign:
+        known = methods.get_all()
+        for option, value in foreign.items():
+            owners = [name for name, other in known.items() if option in other.options()]
+            if not owners:
+                raise TypeError(f"unknown option {option!r} for method {method!r}")
+            if value != known[owners[0]].options()[option]:
+                raise ConfigError(Errors.E011.format(option=option, value=value, method=method, used_by=", ".join(owners)))
     return cls(
         num_virtual_tokens=num_virtual_tokens,
         prompt_dropout=prompt_dropout,
