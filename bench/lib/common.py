@@ -245,14 +245,17 @@ def minilm_path() -> str:
 def v2_overrides(tok2vec: str, settings: dict) -> dict:
     """Config overrides at ``tok2vec`` (a dotted path) for the
     PTuningTransformer.v2 settings of a system ("mix" = K: a mix of the last
-    K hidden states; "words" = W: WordFeatures.v1 of width W); none without."""
+    K hidden states, 0 none; "words" = W: WordFeatures.v1 of width W, 0
+    none); no override for a setting the system does not name."""
     out = {}
-    if settings.get("layer_mix") or settings.get("word_features"):
+    if "layer_mix" in settings or "word_features" in settings:
         out[f"{tok2vec}.@architectures"] = "spacy_ptuning.PTuningTransformer.v2"
-    if settings.get("layer_mix"):
-        out[f"{tok2vec}.layer_mix"] = list(range(-int(settings["layer_mix"]), 0))
-    if settings.get("word_features"):
-        out[f"{tok2vec}.word_features"] = {"@architectures": "spacy_ptuning.WordFeatures.v1", "width": int(settings["word_features"])}
+    if "layer_mix" in settings:
+        k = int(settings["layer_mix"])
+        out[f"{tok2vec}.layer_mix"] = list(range(-k, 0)) if k else None
+    if "word_features" in settings:  # words=0: none (the NER configs have them)
+        width = int(settings["word_features"])
+        out[f"{tok2vec}.word_features"] = {"@architectures": "spacy_ptuning.WordFeatures.v1", "width": width} if width else None
     return out
 
 

@@ -39,6 +39,19 @@ dtype = "auto"
 STRIDED_SPANS = '@span_getters = "spacy-transformers.strided_spans.v1"\nwindow = 128\nstride = 96'
 DOC_SPANS = '@span_getters = "spacy-transformers.doc_spans.v1"'
 
+# NER reads word features beside the prompted transformer (v2: spaCy's hash
+# embeddings of norm, prefix, suffix and shape through its CNN), as
+# configs/ner.cfg does: bench/RESULTS.md, "Reading more of the backbone".
+WORD_FEATURES = """
+[model.tok2vec.word_features]
+@architectures = "spacy_ptuning.WordFeatures.v1"
+width = 64
+attrs = ["NORM", "PREFIX", "SUFFIX", "SHAPE"]
+rows = [2500, 500, 1500, 500]
+window_size = 1
+maxout_pieces = 3
+depth = 2
+"""
 DEFAULT_NER_MODEL = Config().from_str(
     """
 [model]
@@ -51,6 +64,8 @@ use_upper = false
 nO = null
 """
     + PTUNING_TOK2VEC.format(num_virtual_tokens=64, get_spans=STRIDED_SPANS)
+    .replace("spacy_ptuning.PTuningTransformer.v1", "spacy_ptuning.PTuningTransformer.v2")
+    + WORD_FEATURES
 )["model"]
 
 _TEXTCAT_MODEL = """
