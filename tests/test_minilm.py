@@ -36,11 +36,14 @@ def test_defaults_train_predict_save_small_and_share(tmp_path):
     assert len(doc.ents) >= 1
     nlp.to_disk(tmp_path / "pipe")
     size = sum(f.stat().st_size for f in (tmp_path / "pipe").rglob("*") if f.is_file())
-    # The prompts (float32 keys and values for every layer) plus a small head,
-    # vocab strings and config: no backbone (about 90 MB) and no second copy.
+    # The prompts (float32 keys and values for every layer) plus the head and
+    # the word features (thinc's float32 params), vocab strings and config: no
+    # backbone (about 90 MB) and no second copy.
     cfg = module.backbone.config
     prompt_bytes = module.num_virtual_tokens * cfg.num_hidden_layers * 2 * cfg.hidden_size * 4
-    assert prompt_bytes <= size < prompt_bytes + 400_000, (size, prompt_bytes)
+    head_bytes = 4 * sum(int(n.get_param(p).size) for n in ner.model.walk() for p in n.param_names if n.has_param(p))
+    assert head_bytes > 1_000_000  # the default NER head reads word features (hash tables of 5,000 rows)
+    assert prompt_bytes + head_bytes <= size < prompt_bytes + head_bytes + 400_000, (size, prompt_bytes, head_bytes)
     first, second = spacy.load(tmp_path / "pipe"), spacy.load(tmp_path / "pipe")
     weights = [
         get_adapter(p.get_pipe("ptuning_ner").model).backbone.model.get_input_embeddings().weight

@@ -96,7 +96,9 @@ class Adapter(torch.nn.Module):
         key = tuple((id(p), p._version) for p in self.parameters())
         cache = self._prompt_cache
         if cache is None or cache[0] != key:
-            cache = self._prompt_cache = (key, self.prompts().to(self.backbone.model.dtype))
+            # A copy, not a view of the parameters (contiguous: the prefix
+            # modules give a permuted view), so that nothing aliases them.
+            cache = self._prompt_cache = (key, self.prompts().to(self.backbone.model.dtype).clone(memory_format=torch.contiguous_format))
         return cache[1]
 
     def prompt_values(self, batch_size: int):
@@ -153,6 +155,7 @@ class Adapter(torch.nn.Module):
         copied = self.__class__.__new__(self.__class__)
         memo[id(self)] = copied
         for key, value in self.__dict__.items():
+            value = None if key == "_prompt_cache" else value  # recomputed on first use
             object.__setattr__(copied, key, copy.deepcopy(value, memo))
         return copied
 
