@@ -288,6 +288,49 @@ def test_evictions_beyond_max_loaded(adapters_dir):
         assert _metric(client, "ptuning_adapter_loads_total") == 3
 
 
+class _GatedPool(AdapterPool):
+    """A pool whose loads of the ``gated`` adapters wait until released."""
+
+    def __init__(self, *args, gated=(), **kw):
+        super().__init__(*args, **kw)
+        self.entered = {name: threading.Event() for name in gated}
+        self.release = threading.Event()
+
+    def _spacy_load(self, location):
+        name = os.path.basename(os.path.normpath(str(location)))
+        if name in self.entered:
+            self.entered[name].set()
+            assert self.release.wait(120), "the test never released the load"
+        return super()._spacy_load(location)
+
+
+def test_cold_loads_never_delay_requests_for_resident_adapters(adapters_dir, expected):
+    # Two cold adapters load at once and hang there: both loader threads
+    # are taken. A request for a resident adapter is still answered (before
+    # the fix it waited behind the loads); then the cold ones are too.
+    pool = _GatedPool(adapters_dir, max_loaded=8, check_interval=None, gated=("sentiment", "topics"))
+    app = _app(pool, preload=["ner"])
+    with running(app) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
+        _wait_ready(client)
+        cold = []
+        threads = [_post_in_thread(url, f"/adapters/{name}/process", {"texts": [TEXTS[0]]}, cold, timeout=120)
+                   for name in ("sentiment", "topics")]
+        for name in ("sentiment", "topics"):
+            assert pool.entered[name].wait(60), f"{name} never started loading"
+        try:
+            r = client.post("/adapters/ner/process", json={"texts": [TEXTS[0]]})
+            assert r.status_code == 200
+            _assert_doc(r.json()["docs"][0], expected["ner"][TEXTS[0]])
+            r = client.post("/process", json={"items": [{"adapter": "ner", "text": TEXTS[1]}]})
+            assert r.status_code == 200
+            assert pool.states()["sentiment"][0] == "LOADING"  # still held: the warm ones did not wait
+        finally:
+            pool.release.set()
+        for t in threads:
+            t.join(120)
+        assert sorted(r.status_code for r in cold) == [200, 200]
+
+
 # -- bad input -----------------------------------------------------------------
 
 

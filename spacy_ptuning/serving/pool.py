@@ -253,6 +253,24 @@ class AdapterPool:
         self._touch(name, nlp)
         return nlp
 
+    def resident(self, name: str) -> Optional[Language]:
+        """The pipeline for ``name`` if it is loaded and no check of its
+        folder is due, else None: no disk access, no load, no waiting on a
+        load in progress (a front end uses it to keep requests for resident
+        adapters off the threads that load cold ones). A bad or unknown
+        name is None too: :meth:`get` raises its error."""
+        if not isinstance(name, str) or not NAME.match(name):
+            return None
+        with self._lock:
+            entry = self._entries.get(name)
+        if entry is None:
+            return None
+        nlp = entry.nlp
+        if nlp is None or self._check_due(entry):
+            return None
+        self._touch(name, nlp)
+        return nlp
+
     def _check_due(self, entry: _Entry) -> bool:
         """Whether the folder should be compared with the loaded version now
         (pure: the comparison itself, in ``_load``, records the check)."""

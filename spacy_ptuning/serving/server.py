@@ -16,8 +16,9 @@ How a request is answered:
 2. The body is parsed (422 when malformed, never echoing the input) and its
    texts checked (:func:`~spacy_ptuning.api.check_texts`: counts, characters,
    valid Unicode naming the bad text).
-3. Its adapters are resolved through the :class:`~spacy_ptuning.pool.AdapterPool`
-   on two loader threads (a first use loads the adapter; a broken one fails
+3. Its adapters are resolved through the :class:`~spacy_ptuning.pool.AdapterPool`:
+   on a thread of their own when all are resident, else on two loader
+   threads (a first use loads the adapter; a broken one fails
    from the pool's negative cache without a new load): an unknown name is
    404, a bad one 422, an adapter that cannot be loaded answers its numbered
    error (500; in a mixed ``/process`` list only its items). Each text's
@@ -356,6 +357,11 @@ class _State:
         # a pipeline gets its own malloc arena, and under adapter churn those
         # arenas held about 1 GB more RSS (bench/serve_load.py, churn mode).
         self.loader = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="spacy-ptuning-loader")
+        # Requests whose adapters are all resident are prepared (looked up,
+        # counted in wordpieces) on a thread of their own, so that a burst
+        # of requests for cold adapters, queued on the loader, never delays
+        # them.
+        self.warm = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spacy-ptuning-warm")
 
     def endpoint(self, scope) -> str:
         for route in self.routes:
@@ -454,6 +460,7 @@ def create_app(
         state.closing = True
         await run_in_threadpool(state.batcher.close, config.timeout_s)
         state.loader.shutdown(wait=False)
+        state.warm.shutdown(wait=False)
 
     docs = {} if config.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(
@@ -634,8 +641,10 @@ async def _answer(
                 state.metrics.rejected.inc()
                 raise request_error(e)
             try:
+                warm = all(state.pool.resident(name) is not None for name in names)
                 resolved, costs = await asyncio.wait_for(
-                    loop.run_in_executor(state.loader, state.resolve, names, items, "items" if mixed else "texts"), timeout=config.timeout_s)
+                    loop.run_in_executor(state.warm if warm else state.loader, state.resolve, names, items,
+                                         "items" if mixed else "texts"), timeout=config.timeout_s)
             except asyncio.TimeoutError:
                 state.metrics.timeouts.inc()
                 raise RequestError(504, f"Loading the adapters took longer than {config.timeout_s} s (--timeout); retry later.")
