@@ -203,6 +203,14 @@ class Errors(metaclass=ErrorsWithCodes):
         "width (nO) set; got {found}."
     )
 
+    # Serving many adapters (E049-): spacy_ptuning.model.adapter, serving.pool.
+    E049 = (
+        "This adapter was compacted for serving (its prompt module replaced by "
+        "the prompts it computes, to save memory) and cannot be {action}. Load "
+        "the pipeline again from disk (spacy.load) to train or save it; an "
+        "AdapterPool compacts only with compact=True."
+    )
+
 
 def errors_table() -> str:
     """The markdown table of every code and message template (docs/errors.md

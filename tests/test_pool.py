@@ -302,3 +302,27 @@ def test_add_and_remove_survive_a_rescan(saved, tmp_path):
         pool.get("ner-c")  # an unknown name rescans too
     pool.add("ner-c", root / "ner-c")
     assert "ner-c" in pool.names()
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt", "prompt_encoder"])
+def test_compacted_adapters_predict_the_same_with_less_memory_and_refuse_to_save(tiny_bert, tmp_path, method):
+    nlp = _pipeline(tiny_bert, ["ptuning_ner", "ptuning_textcat"], method, 4, 21)
+    nlp.to_disk(tmp_path / "a")
+    plain = AdapterPool(tmp_path, check_interval=None).get("a")
+    pool = AdapterPool(tmp_path, check_interval=None, compact=True)
+    compact = pool.get("a")
+    texts = [TEXT, "bob hated rome", "a good film about alice in paris"]
+    for name, pipe in compact.pipeline:
+        (tok2vec, _, adapter), = find_adapter_layers(pipe)
+        (reference, _, original), = find_adapter_layers(plain.get_pipe(name))
+        assert adapter.compacted and not original.compacted
+        assert not list(adapter.prompts.parameters())  # the module's weights are gone
+        assert sum(p.numel() for p in adapter.parameters()) < sum(p.numel() for p in original.parameters())
+        docs = [compact.make_doc(t) for t in texts]
+        for got, want in zip(tok2vec.predict(docs), reference.predict(docs)):
+            assert got.shape == want.shape and abs(got - want).max() < 1e-6
+    for got, want in zip(compact.pipe(texts), plain.pipe(texts)):
+        assert [(e.start_char, e.end_char, e.label_) for e in got.ents] == [(e.start_char, e.end_char, e.label_) for e in want.ents]
+        assert got.cats == pytest.approx(want.cats, abs=1e-6)
+    with pytest.raises(Exception, match=r"PT-E049.*saved"):
+        compact.to_disk(tmp_path / "copy")

@@ -27,7 +27,6 @@ ADAPTERS = [  # name, task, method, virtual tokens
     ("sst-p1-20", "textcat", "prompt_encoder", 20),
 ]
 FACTORY = {"ner": "ptuning_ner", "textcat": "ptuning_textcat"}
-FACTORY = {"ner": "ptuning_ner", "textcat": "ptuning_textcat"}
 
 
 def build_adapters(out: Path, data_dir: Path, rebuild: bool) -> Dict[str, Path]:

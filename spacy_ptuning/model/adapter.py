@@ -14,10 +14,22 @@ from typing import List, Optional
 import torch
 
 from .backbone import Backbone, load_backbone
-from ..errors import ConfigError, Errors
+from ..errors import AdapterError, ConfigError, Errors
 from .encode import encode_rows, length_groups, rows_of_batch  # noqa: F401  (length_groups: its 0.1.0 home)
 from .layer_mix import ScalarMix, resolve_layers
 from .methods import MIN_TEXT_POSITIONS, MethodSettings, settings_for  # noqa: F401  (MIN_TEXT_POSITIONS: its 0.1.0 home)
+
+
+class FixedPrompts(torch.nn.Module):
+    """An adapter's prompts computed once (:meth:`Adapter.compact`): one
+    buffer, not saved, no parameters."""
+
+    def __init__(self, row: torch.Tensor):
+        super().__init__()
+        self.register_buffer("row", row.detach().clone(memory_format=torch.contiguous_format), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        return self.row
 
 
 class Adapter(torch.nn.Module):
@@ -79,6 +91,35 @@ class Adapter(torch.nn.Module):
     def invalidate_prompt_cache(self) -> None:
         self._prompt_cache = None
 
+    @property
+    def compacted(self) -> bool:
+        """Whether :meth:`compact` replaced the prompt module."""
+        return isinstance(self.prompts, FixedPrompts)
+
+    def compact(self) -> int:
+        """For inference only (a server's resident adapter): replace the
+        prompt module (a P-Tuning v1 encoder, a prefix MLP, free prompt
+        parameters) by the one row of prompts it computes, in the backbone's
+        dtype, and free its weights; returns the bytes freed.
+
+        The adapter predicts exactly as before (the same row that
+        :meth:`prompt_row` caches at inference, which then is the only
+        copy), but it can no longer be trained or saved (PT-E049). Why: a
+        P-Tuning v1 encoder or a reparameterised prefix holds 10-30x the
+        bytes of the prompts it produces, and a server holding thousands of
+        adapters needs only the prompts."""
+        if self.compacted:
+            return 0
+        before = sum(t.numel() * t.element_size() for t in self.prompts.parameters())
+        training = self.training
+        self.eval()
+        with torch.no_grad():
+            row = self.prompt_row()
+        self.train(training)
+        self.prompts = FixedPrompts(row)
+        self._prompt_cache = None
+        return before - row.numel() * row.element_size()
+
     def prompt_row(self) -> torch.Tensor:
         """This adapter's prompts for one row, in the backbone's dtype:
         (V, embed_width) input prompts or (layers, 2, P, kv_width) prefixes
@@ -91,6 +132,10 @@ class Adapter(torch.nn.Module):
         views that they do not see, so the shim's ``finish_update`` calls
         :meth:`invalidate_prompt_cache`. The P-Tuning v1 LSTM or a prefix
         MLP would otherwise run for every batch."""
+        if self.compacted:
+            if self.training and torch.is_grad_enabled():
+                raise AdapterError(Errors.E049.format(action="trained"))
+            return self.prompts.row
         if self.training or torch.is_grad_enabled():
             return self.prompts().to(self.backbone.model.dtype)
         key = tuple((id(p), p._version) for p in self.parameters())

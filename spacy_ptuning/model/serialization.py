@@ -73,6 +73,8 @@ class AdapterShim(PyTorchShim):
 
     def to_bytes(self) -> bytes:
         module: Adapter = self._model
+        if module.compacted:
+            raise AdapterError(Errors.E049.format(action="saved"))
         tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         weights = st_save(tensors)
         return srsly.msgpack_dumps(

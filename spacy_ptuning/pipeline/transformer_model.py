@@ -37,7 +37,7 @@ def adapter_layer(module: Adapter) -> Model[WordpieceBatch, ModelOutput]:
 
 
 def _convert_inputs(model: Model, wps: WordpieceBatch, is_train: bool):
-    device = next(model.shims[0]._model.parameters()).device
+    device = model.shims[0]._model.backbone.device  # the prompts are on it too (a compacted adapter has no parameters)
     kwargs = {
         "input_ids": xp2torch(wps.input_ids, device=device),
         "attention_mask": xp2torch(wps.attention_mask, device=device),

@@ -94,7 +94,7 @@ class AdapterAnnotator:
             import spacy
 
             spacy.require_gpu(0)
-        self.pool = AdapterPool(adapters, max_loaded=max_loaded, check_interval=None)
+        self.pool = AdapterPool(adapters, max_loaded=max_loaded, check_interval=None, compact=True)
         self.adapter = adapter
         self.adapter_column = adapter_column
         self.text_column = text_column

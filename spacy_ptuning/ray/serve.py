@@ -127,7 +127,7 @@ class PTuningDeployment:
 
             spacy.require_gpu(0)
         self.config = ServeConfig(**dict(config or {}))
-        self.pool = AdapterPool(adapters_dir, max_loaded=max_models + 1, check_interval=check_interval)
+        self.pool = AdapterPool(adapters_dir, max_loaded=max_models + 1, check_interval=check_interval, compact=True)
         self.batcher = pipeline_batcher(self.config)
         self.batcher.start()
         # Loads on two threads of their own (as server.py: fewer malloc arenas).

@@ -103,6 +103,10 @@ class AdapterPool:
     dtype: load every spacy-ptuning component's backbone in this dtype
         (e.g. "float32", for results that do not depend on the batch's
         padding), whatever the saved config says; None: as saved.
+    compact: replace each loaded adapter's prompt module by the prompts it
+        computes (``Adapter.compact``): the same predictions in a fraction of
+        the memory (a P-Tuning v1 encoder or a prefix MLP is freed), but the
+        pipelines the pool hands out cannot be trained or saved.
     clock: the time source (tests pass a fake one).
     """
 
@@ -115,6 +119,7 @@ class AdapterPool:
         retry_after_failure: float = 5.0,
         max_retry_after_failure: float = 300.0,
         dtype: Optional[str] = None,
+        compact: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ):
         if max_loaded < 1:
@@ -124,6 +129,7 @@ class AdapterPool:
         self.retry_after_failure = retry_after_failure
         self.max_retry_after_failure = max(max_retry_after_failure, retry_after_failure)
         self.dtype = dtype
+        self.compact = compact
         self._clock = clock
         self._root: Optional[Path] = None
         self._lock = threading.RLock()
@@ -316,6 +322,8 @@ class AdapterPool:
             for _, pipe in nlp.pipeline:
                 for _, _, adapter in find_adapter_layers(pipe):
                     self._backbones[id(adapter.backbone)] = adapter.backbone
+                    if self.compact:
+                        adapter.compact()
         entry.nlp, entry.signature, entry.error = nlp, signature, None
         entry.failed_signature, entry.backoff = None, 0.0
         entry.version += 1

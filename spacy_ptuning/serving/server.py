@@ -444,7 +444,7 @@ def create_app(
     from, with ``pool_kwargs`` such as ``max_loaded``)."""
     config = config or ServeConfig()
     if not isinstance(pool, AdapterPool):
-        pool = AdapterPool(pool, dtype=config.dtype, **pool_kwargs)
+        pool = AdapterPool(pool, **{"dtype": config.dtype, "compact": True, **pool_kwargs})
     state = _State(pool, config)
     admin_root = Path(config.admin_root).resolve() if config.admin_root else (
         pool.root.resolve() if pool.root is not None else None
@@ -748,7 +748,9 @@ def serve(
     set_threads(config.threads)
     if config.allowed_hosts is None:
         config.allowed_hosts = list(LOOPBACK_HOSTS) if _is_loopback(host) else ["*"]
-    pool = AdapterPool(source, max_loaded=max_loaded, check_interval=check_interval, dtype=config.dtype)
+    # compact: a served adapter is never trained or saved; its prompts alone
+    # are kept (a P-Tuning v1 encoder or a prefix MLP is freed).
+    pool = AdapterPool(source, max_loaded=max_loaded, check_interval=check_interval, dtype=config.dtype, compact=True)
     app = create_app(pool, config)
     if not logging.getLogger().handlers and not access_logger.handlers:
         handler = logging.StreamHandler()
