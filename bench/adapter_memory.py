@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""Memory per resident adapter: RSS growth per adapter loaded in an
+AdapterPool, as saved (``compact=False``) and as the server holds it
+(``compact=True``: the prompt module replaced by the prompts it computes),
+against the adapter's own bytes (its prompts, or prompt module, and its head
+and word features: every tensor the pipeline holds besides the shared
+backbone).
+
+For each of the load test's ten kinds (``lib.serving.ADAPTERS``), ``--copies``
+perturbed copies (as ``serve_tenants.py`` makes them) are loaded one after
+another in this process; RSS per adapter = (RSS after - RSS before) /
+copies. The goal of the thousands-of-adapters issue: RSS per adapter <= its
+own bytes + 0.5 MB.
+
+    python bench/adapter_memory.py [--copies 20]
+"""
+import argparse
+import concurrent.futures
+import gc
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from lib import common
+from lib.serving import ADAPTERS, build_adapters
+from serve_tenants import perturbed_copy
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def own_mb(nlp) -> float:
+    """Bytes of every array and tensor of the pipeline's components, the
+    shared backbone excepted (thinc params, adapter parameters and buffers)."""
+    from spacy_ptuning.pipeline.transformer_model import find_adapter_layers
+
+    total = 0
+    for _, pipe in nlp.pipeline:
+        for node in pipe.model.walk():
+            for name in node.param_names:
+                if node.has_param(name) and not node.name.startswith("ptuning"):
+                    total += node.get_param(name).nbytes
+        for _, _, adapter in find_adapter_layers(pipe):
+            total += sum(t.numel() * t.element_size() for t in list(adapter.parameters()) + list(adapter.buffers()))
+    return total / 2**20
+
+
+def measure(folder: Path, compact: bool, copies: int) -> list:
+    """Per kind: RSS growth per adapter over ``copies`` loads, and own bytes."""
+    from spacy_ptuning.serving.pool import AdapterPool
+
+    pool = AdapterPool(folder, max_loaded=10**6, check_interval=None, compact=compact)
+    rows = []
+    for kind, *_ in ADAPTERS:
+        pool.get(f"{kind}-0")  # first of its kind: shared tokenizer and caches
+        gc.collect()
+        before = rss_mb()
+        for k in range(1, copies + 1):
+            nlp = pool.get(f"{kind}-{k}")
+        gc.collect()
+        rows.append({"kind": kind, "compact": compact, "rss_per_adapter_mb": (rss_mb() - before) / copies, "own_mb": own_mb(nlp)})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=common.DEFAULT_DATA)
+    p.add_argument("--copies", type=int, default=20)
+    p.add_argument("--out-dir", type=Path, default=common.RESULTS)
+    args = p.parse_args()
+    base = build_adapters(args.out_dir / "serve_adapters", args.data_dir, False)["ptuning"]
+    tmp = Path(tempfile.mkdtemp(prefix="adapter-memory-"))
+    load_start = os.getloadavg()
+    rows = []
+    try:
+        for kind, *_ in ADAPTERS:
+            for k in range(args.copies + 1):
+                perturbed_copy(base / kind, tmp / f"{kind}-{k}", seed=k)
+        for compact in (False, True):  # each arm in a fresh process: no memory freed by the other to reuse
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+                for row in ex.submit(measure, tmp, compact, args.copies).result():
+                    rows.append(row)
+                    print(row, flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    lines = ["| adapter | as saved: own MB | RSS MB / adapter | served (compact): own MB | RSS MB / adapter | RSS - own |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for kind, *_ in ADAPTERS:
+        a = next(r for r in rows if r["kind"] == kind and not r["compact"])
+        b = next(r for r in rows if r["kind"] == kind and r["compact"])
+        lines.append(f"| {kind} | {a['own_mb']:.2f} | {a['rss_per_adapter_mb']:.2f} | {b['own_mb']:.2f} | "
+                     f"{b['rss_per_adapter_mb']:.2f} | {b['rss_per_adapter_mb'] - b['own_mb']:+.2f} |")
+    mean = lambda c, key: sum(r[key] for r in rows if r["compact"] == c) / len(ADAPTERS)  # noqa: E731
+    lines.append(f"| mean of the ten | {mean(False, 'own_mb'):.2f} | {mean(False, 'rss_per_adapter_mb'):.2f} | "
+                 f"{mean(True, 'own_mb'):.2f} | {mean(True, 'rss_per_adapter_mb'):.2f} | "
+                 f"{mean(True, 'rss_per_adapter_mb') - mean(True, 'own_mb'):+.2f} |")
+    footer = (f"\n\nMachine: {common.machine_info()}; load average at start {load_start}, at end {os.getloadavg()}; "
+              f"{args.copies} copies of each kind loaded in one process.")
+    print("\n".join(lines) + footer)
+    out = args.out_dir / f"adapter_memory_{time.strftime('%Y%m%d-%H%M%S')}.md"
+    out.write_text("\n".join(lines) + footer + "\n")
+
+
+if __name__ == "__main__":
+    main()
