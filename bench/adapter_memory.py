@@ -2,9 +2,9 @@
 """Memory per resident adapter: RSS growth per adapter loaded in an
 AdapterPool, as saved (``compact=False``) and as the server holds it
 (``compact=True``: the prompt module replaced by the prompts it computes),
-against the adapter's own bytes (its prompts, or prompt module, and its head
-and word features: every tensor the pipeline holds besides the shared
-backbone).
+against the adapter's own bytes (``pool.resident_bytes``: its prompts, or
+prompt module, and its head and word features: every tensor the pipeline
+holds besides the shared backbone; what ``--max-resident-mb`` counts).
 
 For each of the load test's ten kinds (``lib.serving.ADAPTERS``), ``--copies``
 perturbed copies (as ``serve_tenants.py`` makes them) are loaded one after
@@ -34,25 +34,9 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def own_mb(nlp) -> float:
-    """Bytes of every array and tensor of the pipeline's components, the
-    shared backbone excepted (thinc params, adapter parameters and buffers)."""
-    from spacy_ptuning.pipeline.transformer_model import find_adapter_layers
-
-    total = 0
-    for _, pipe in nlp.pipeline:
-        for node in pipe.model.walk():
-            for name in node.param_names:
-                if node.has_param(name) and not node.name.startswith("ptuning"):
-                    total += node.get_param(name).nbytes
-        for _, _, adapter in find_adapter_layers(pipe):
-            total += sum(t.numel() * t.element_size() for t in list(adapter.parameters()) + list(adapter.buffers()))
-    return total / 2**20
-
-
 def measure(folder: Path, compact: bool, copies: int) -> list:
     """Per kind: RSS growth per adapter over ``copies`` loads, and own bytes."""
-    from spacy_ptuning.serving.pool import AdapterPool
+    from spacy_ptuning.serving.pool import AdapterPool, resident_bytes
 
     pool = AdapterPool(folder, max_loaded=10**6, check_interval=None, compact=compact)
     rows = []
@@ -63,7 +47,7 @@ def measure(folder: Path, compact: bool, copies: int) -> list:
         for k in range(1, copies + 1):
             nlp = pool.get(f"{kind}-{k}")
         gc.collect()
-        rows.append({"kind": kind, "compact": compact, "rss_per_adapter_mb": (rss_mb() - before) / copies, "own_mb": own_mb(nlp)})
+        rows.append({"kind": kind, "compact": compact, "rss_per_adapter_mb": (rss_mb() - before) / copies, "own_mb": resident_bytes(nlp) / 2**20})
     return rows
 
 

@@ -57,6 +57,7 @@ def serve_cli(**options):
         raise typer.Exit(1)
     adapters_dir = options.pop("adapters_dir")
     host, port, max_loaded = options.pop("host"), options.pop("port"), options.pop("max_loaded")
+    max_resident_mb = options.pop("max_resident_mb") or None
     check_interval, log_level = options.pop("check_interval"), options.pop("log_level")
     import_code(options.pop("code_path"))
     for name in _LISTS:
@@ -68,7 +69,7 @@ def serve_cli(**options):
         config = ServeConfig(**options)
     except ValueError as e:
         raise typer.BadParameter(str(e))
-    serve(adapters_dir, config, host=host, port=port, max_loaded=max_loaded,
+    serve(adapters_dir, config, host=host, port=port, max_loaded=max_loaded, max_resident_mb=max_resident_mb,
           check_interval=None if check_interval < 0 else check_interval, log_level=log_level)
 
 
@@ -81,6 +82,7 @@ def _serve_signature() -> inspect.Signature:
         P("host", P.KEYWORD_ONLY, annotation=str, default=Opt("127.0.0.1", "--host", help="Interface to bind (127.0.0.1: this machine only; 0.0.0.0: every interface)")),
         P("port", P.KEYWORD_ONLY, annotation=int, default=Opt(8080, "--port", help="TCP port")),
         P("max_loaded", P.KEYWORD_ONLY, annotation=int, default=Opt(8, "--max-loaded", help="Most adapters kept loaded at once (least recently used ones are dropped; the backbone stays)")),
+        P("max_resident_mb", P.KEYWORD_ONLY, annotation=float, default=Opt(0.0, "--max-resident-mb", help="Most megabytes of adapters kept loaded (prompts, heads, word features; the shared backbone not counted); least recently used ones are dropped beyond; 0: by --max-loaded alone")),
         P("check_interval", P.KEYWORD_ONLY, annotation=float, default=Opt(1.0, "--check-interval", help="Seconds between checks of an adapter's folder for changes (a changed folder is reloaded, a deleted one is gone); negative: never")),
         P("code_path", P.KEYWORD_ONLY, annotation=Optional[Path], default=Opt(None, "--code", "-c", help="Path to Python file with additional code (registered functions, custom components) to import before loading adapters")),
         P("log_level", P.KEYWORD_ONLY, annotation=str, default=Opt("info", "--log-level", help="uvicorn's log level (info: one JSON access-log line per request)")),

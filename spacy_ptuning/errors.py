@@ -210,6 +210,16 @@ class Errors(metaclass=ErrorsWithCodes):
         "the pipeline again from disk (spacy.load) to train or save it; an "
         "AdapterPool compacts only with compact=True."
     )
+    E050 = (
+        "This adapter holds {mb:.2f} MB when loaded, more than the whole memory "
+        "budget of the pool ({budget:.2f} MB, --max-resident-mb): it can never be "
+        "resident. Raise --max-resident-mb above {mb:.2f}, or serve the adapter "
+        "from a pool of its own."
+    )
+    E051 = (
+        "max_resident_mb must be a positive number of megabytes (or None: a "
+        "budget by count alone, --max-loaded); got {value!r}."
+    )
 
 
 def errors_table() -> str:

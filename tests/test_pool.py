@@ -326,3 +326,36 @@ def test_compacted_adapters_predict_the_same_with_less_memory_and_refuse_to_save
         assert got.cats == pytest.approx(want.cats, abs=1e-6)
     with pytest.raises(Exception, match=r"PT-E049.*saved"):
         compact.to_disk(tmp_path / "copy")
+
+
+def test_memory_budget_evicts_by_bytes_and_refuses_an_adapter_above_it(saved, tmp_path):
+    from spacy_ptuning.errors import AdapterError
+    from spacy_ptuning.serving.pool import resident_bytes
+
+    root = _copy(saved, tmp_path)
+    sizes = {n: resident_bytes(AdapterPool(root, check_interval=None).get(n)) for n in ("ner-a", "ner-b", "ner-c")}
+    budget = sizes["ner-a"] + sizes["ner-b"]
+    pool = AdapterPool(root, max_loaded=100, max_resident_mb=budget / 2**20, check_interval=None)
+    pool.get("ner-a")
+    pool.get("ner-b")
+    assert pool.loaded == ["ner-a", "ner-b"] and pool.resident_total == budget  # exactly full: nothing dropped
+    pool.get("ner-c")
+    loaded = pool.loaded
+    assert loaded[-1] == "ner-c" and "ner-a" not in loaded  # the least recently used went first
+    assert pool.resident_total == sum(sizes[n] for n in loaded) <= budget
+    assert pool.stats["evictions"] == 3 - len(loaded)
+    # An adapter larger than the whole budget fails alone, saying what to set.
+    small = AdapterPool(root, max_resident_mb=sizes["ner-a"] / 2**20 / 2, check_interval=None)
+    with pytest.raises(AdapterLoadFailed, match=r"PT-E050.*--max-resident-mb"):
+        small.get("ner-a")
+    assert small.loaded == [] and small.resident_total == 0
+    with pytest.raises(ValueError, match="PT-E051"):
+        AdapterPool(root, max_resident_mb=0)
+    # What compacting frees (counted by the adapter itself) is what the pool counts less.
+    compact = AdapterPool(root, check_interval=None, compact=True)
+    nlp = spacy.load(root / "ner-a")
+    (_, _, adapter), = find_adapter_layers(nlp.get_pipe("ptuning_ner"))
+    freed = adapter.compact()
+    assert freed >= 0 and resident_bytes(compact.get("ner-a")) == sizes["ner-a"] - freed == resident_bytes(nlp)
+    with pytest.raises(AdapterError, match="PT-E049"):
+        nlp.to_bytes()

@@ -370,6 +370,29 @@ def test_malformed_body_is_422(server, path, body):
     assert r.status_code == 422, r.text
 
 
+def test_a_request_naming_too_many_adapters_is_413_before_any_load(adapters_dir):
+    pool = AdapterPool(adapters_dir, check_interval=None)
+    app = _app(pool, max_request_adapters=2)
+    with running(app) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
+        items = [{"adapter": name, "text": "alice"} for name in ("ner", "sentiment", "topics", "ner")]
+        r = client.post("/process", json={"items": items})
+        assert r.status_code == 413 and "3 different adapters" in r.json()["detail"]
+        assert "--max-request-adapters" in r.json()["detail"]
+        assert pool.stats["loads"] == 0 and pool.loaded == []  # refused before loading anything
+        r = client.post("/process", json={"items": items[:2] + items[3:]})  # two adapters: served
+        assert r.status_code == 200 and len(r.json()["results"]) == 3
+
+
+def test_a_memory_budget_below_the_smallest_adapter_stops_the_server_at_start(adapters_dir):
+    from spacy_ptuning.serving.server import check_budget
+
+    with pytest.raises(SystemExit, match=r"smallest adapter.*PT-E050.*--max-resident-mb"):
+        check_budget(AdapterPool(adapters_dir, max_resident_mb=0.0005, check_interval=None))  # the smallest holds about 1 KB
+    pool = AdapterPool(adapters_dir, max_resident_mb=1000, check_interval=None)
+    check_budget(pool)  # it fits: no error, one adapter loaded
+    assert len(pool.loaded) == 1
+
+
 def test_oversized_requests_are_413(server):
     too_many = server.post("/adapters/ner/process", json={"texts": ["a"] * 41})
     assert too_many.status_code == 413 and "--max-items" in too_many.json()["detail"]

@@ -313,7 +313,7 @@ class PTuningRouter:
         for i, (name, _) in enumerate(items):
             by_name.setdefault(name, []).append(i)
         try:
-            check_size(self.config, [t for _, t in items])
+            check_size(self.config, [t for _, t in items], names=list(by_name))
             for name in by_name:  # the client's mistakes fail the whole request
                 self._check_name(name)
             answers = await asyncio.gather(
@@ -355,7 +355,7 @@ class PTuningRouter:
 # types convert the strings of `serve run ... key=value`); the HTTP-only ones
 # (connections, tokens, hosts, drain) belong to Serve's proxy, not to ours.
 _CONFIG = ("batching", "max_wait_ms", "max_batch_texts", "max_batch_tokens", "max_queue", "max_queue_wait_s",
-           "timeout_s", "max_items", "max_chars", "max_text_wordpieces")
+           "timeout_s", "max_items", "max_request_adapters", "max_chars", "max_text_wordpieces")
 _INT = ("num_replicas", "router_replicas", "max_models", "max_ongoing_requests", "retries",
         *(f.name for f in dataclasses.fields(ServeConfig) if f.name in _CONFIG and f.type in (int, "int")))
 _FLOAT = ("num_cpus", "num_gpus", "check_interval",

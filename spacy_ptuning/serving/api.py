@@ -79,6 +79,18 @@ def check_texts(config, texts: Sequence[str], field: str = "texts") -> None:
             )
 
 
+def check_adapters(config, names: Sequence[str]) -> None:
+    """413 for a request naming more different adapters than
+    ``max_request_adapters``: each one named is loaded (if cold) and held
+    until the request is answered, so one request naming thousands would
+    load them all at once, past the pool's bound, and time out doing it."""
+    if len(names) > config.max_request_adapters:
+        raise RequestError(
+            413, f"{len(names)} different adapters in one request; this server takes at most "
+                 f"{config.max_request_adapters} (--max-request-adapters). Split the request by adapter.",
+        )
+
+
 def wordpiece_costs(config, nlp, texts: Sequence[str], field: str = "texts", offset: int = 0) -> List[int]:
     """Each text's wordpieces under the pipeline's backbone tokenizer (the
     batcher's unit of work); 413 for a text above ``max_text_wordpieces``.

@@ -67,6 +67,7 @@ class _Entry:
         self.error: Optional[str] = None
         self.loading = False
         self.version = 0  # successful loads and reloads of this name
+        self.bytes = 0  # what the loaded version holds (resident_bytes)
         # Negative cache: the folder version that failed to load, and when
         # the same version may be tried again (doubling backoff).
         self.failed_signature: Optional[tuple] = None
@@ -91,6 +92,11 @@ class AdapterPool:
         the subfolder; rescanned by :meth:`names`), a single pipeline folder,
         or a mapping name -> folder or installed package name.
     max_loaded: most pipelines kept loaded (least recently used dropped).
+    max_resident_mb: most megabytes of adapters kept loaded
+        (:func:`resident_bytes` of each: prompts, heads, word features; the
+        shared backbone and tokenizer not counted), least recently used
+        dropped beyond; None: by count alone. An adapter larger than the
+        budget fails to load with PT-E050.
     check_interval: seconds between checks of a folder for changes (0: on
         every use; None: never reload). A changed folder is reloaded; a
         deleted one makes the name unknown.
@@ -115,6 +121,7 @@ class AdapterPool:
         source: Union[str, Path, Mapping[str, Union[str, Path]], None] = None,
         *,
         max_loaded: int = 8,
+        max_resident_mb: Optional[float] = None,
         check_interval: Optional[float] = 1.0,
         retry_after_failure: float = 5.0,
         max_retry_after_failure: float = 300.0,
@@ -125,6 +132,10 @@ class AdapterPool:
         if max_loaded < 1:
             raise ValueError(Errors.E030.format(value=max_loaded))
         self.max_loaded = max_loaded
+        if max_resident_mb is not None and not max_resident_mb > 0:
+            raise ValueError(Errors.E051.format(value=max_resident_mb))
+        self.max_resident_bytes = None if max_resident_mb is None else int(max_resident_mb * 2**20)
+        self.resident_total = 0  # bytes of the loaded pipelines
         self.check_interval = check_interval
         self.retry_after_failure = retry_after_failure
         self.max_retry_after_failure = max(max_retry_after_failure, retry_after_failure)
@@ -135,6 +146,7 @@ class AdapterPool:
         self._lock = threading.RLock()
         self._entries: Dict[str, _Entry] = {}
         self._loaded: "OrderedDict[str, Language]" = OrderedDict()
+        self._sizes: Dict[str, int] = {}  # bytes of each pipeline in _loaded, as counted in resident_total
         self._backbones: Dict[int, object] = {}  # strong refs: evictions keep them
         self._tokenizers: Dict[str, object] = {}  # see _spacy_load
         self._added: Dict[str, str] = {}  # add()/remove() outlive folder rescans
@@ -185,14 +197,14 @@ class AdapterPool:
             old = self._entries.get(name)
             if old is None or old.location != location:
                 self._entries[name] = _Entry(name, location)
-                self._loaded.pop(name, None)
+                self._unload(name)
 
     def remove(self, name: str) -> None:
         """Forget an adapter (requests holding it finish with it)."""
         with self._lock:
             self._entry(name)
             del self._entries[name]
-            self._loaded.pop(name, None)
+            self._unload(name)
             self._added.pop(name, None)
             self._removed.add(name)
 
@@ -211,11 +223,11 @@ class AdapterPool:
             for name in list(self._entries):
                 if name not in found:
                     del self._entries[name]
-                    self._loaded.pop(name, None)
+                    self._unload(name)
             for name, location in found.items():
                 if name not in self._entries or self._entries[name].location != location:
                     self._entries[name] = _Entry(name, location)
-                    self._loaded.pop(name, None)
+                    self._unload(name)
 
     def _entry(self, name: str) -> _Entry:
         _check_name(name)
@@ -301,6 +313,14 @@ class AdapterPool:
         entry.loading = True
         try:
             nlp = self._spacy_load(entry.location)
+            if self.compact:
+                for _, pipe in nlp.pipeline:
+                    for _, _, adapter in find_adapter_layers(pipe):
+                        adapter.compact()
+            size = resident_bytes(nlp)
+            if self.max_resident_bytes is not None and size > self.max_resident_bytes:
+                raise AdapterLoadFailed(Errors.E050.format(
+                    mb=size / 2**20, budget=self.max_resident_bytes / 2**20))
         except Exception as e:
             entry.backoff = (
                 min(entry.backoff * 2, self.max_retry_after_failure)
@@ -322,8 +342,7 @@ class AdapterPool:
             for _, pipe in nlp.pipeline:
                 for _, _, adapter in find_adapter_layers(pipe):
                     self._backbones[id(adapter.backbone)] = adapter.backbone
-                    if self.compact:
-                        adapter.compact()
+        entry.bytes = size
         entry.nlp, entry.signature, entry.error = nlp, signature, None
         entry.failed_signature, entry.backoff = None, 0.0
         entry.version += 1
@@ -333,7 +352,7 @@ class AdapterPool:
         with self._lock:
             if self._entries.get(entry.name) is entry:
                 del self._entries[entry.name]
-            self._loaded.pop(entry.name, None)
+            self._unload(entry.name)
             self._added.pop(entry.name, None)
         entry.nlp = None
 
@@ -385,14 +404,28 @@ class AdapterPool:
                 out[f"components.{name}.model.tok2vec.dtype"] = self.dtype
         return out
 
+    def _unload(self, name: str) -> None:
+        """Under the lock: drop ``name`` from the loaded pipelines."""
+        self._loaded.pop(name, None)
+        self.resident_total -= self._sizes.pop(name, 0)
+
     def _touch(self, name: str, nlp: Language) -> None:
         with self._lock:
-            if name not in self._entries:
+            entry = self._entries.get(name)
+            if entry is None:
                 return
-            self._loaded[name] = nlp
+            if self._loaded.get(name) is not nlp:  # a load, or a reload taking the old version's place
+                self._unload(name)
+                self._loaded[name] = nlp
+                self._sizes[name] = entry.bytes
+                self.resident_total += entry.bytes
             self._loaded.move_to_end(name)
-            while len(self._loaded) > self.max_loaded:
+            budget = self.max_resident_bytes
+            while len(self._loaded) > 1 and (
+                len(self._loaded) > self.max_loaded or (budget is not None and self.resident_total > budget)
+            ):
                 old, _ = self._loaded.popitem(last=False)
+                self.resident_total -= self._sizes.pop(old, 0)
                 entry = self._entries.get(old)
                 if entry is not None:
                     entry.nlp = None
@@ -425,6 +458,26 @@ class AdapterPool:
             info["components"] = []
             info["error"] = info["error"] or f"{type(e).__name__}: {e}"
         return info
+
+
+def resident_bytes(nlp: Language) -> int:
+    """Bytes a loaded pipeline holds of its own: every thinc parameter of its
+    components (heads, word features) and every tensor of its adapters
+    (prompt parameters, or a compacted adapter's prompt buffer, and their
+    inference cache); the shared backbone, vocab and tokenizer not counted."""
+    total = 0
+    for _, pipe in nlp.pipeline:
+        model = getattr(pipe, "model", None)
+        for node in model.walk() if model is not None else ():
+            for name in node.param_names:
+                if node.has_param(name):
+                    total += node.get_param(name).nbytes
+        for _, _, adapter in find_adapter_layers(pipe):
+            tensors = list(adapter.parameters()) + list(adapter.buffers())
+            cache = adapter.__dict__.get("_prompt_cache")
+            tensors += [cache[1]] if cache is not None else []
+            total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
 
 
 def _components(nlp: Language) -> List[dict]:

@@ -35,6 +35,7 @@ class ServeConfig:
     max_queue_wait_s: float = _opt(2.0, "Most seconds of work (queued wordpieces / measured rate) a new request may queue behind; 503 with Retry-After beyond", "--max-queue-wait")
     timeout_s: float = _opt(30.0, "Seconds a request may wait for its result; 504 beyond (its texts not yet started are dropped)", "--timeout")
     max_items: int = _opt(512, "Most texts/items in one request; 413 beyond")
+    max_request_adapters: int = _opt(64, "Most different adapters named in one /process request; 413 beyond (each is loaded and held while the request runs)")
     max_chars: int = _opt(1_000_000, "Most characters of text in one request; 413 beyond")
     max_text_wordpieces: int = _opt(4096, "Most wordpieces in one text; 413 beyond (split long texts)")
     max_body_bytes: int = _opt(2_000_000, "Largest request body in bytes; 413 beyond")
@@ -54,7 +55,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {self.batching!r}")
-        for name in ("max_batch_texts", "max_batch_tokens", "max_queue", "max_items", "max_chars",
+        for name in ("max_batch_texts", "max_batch_tokens", "max_queue", "max_items", "max_request_adapters", "max_chars",
                      "max_body_bytes", "max_text_wordpieces", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")

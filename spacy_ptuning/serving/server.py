@@ -70,12 +70,12 @@ except ImportError as e:  # pragma: no cover - depends on the install
 from spacy.language import Language
 
 from .api import (
-    AdapterPathIn, ItemsIn, RequestError, TextsIn, check_texts, doc_json, pipeline_batcher,
+    AdapterPathIn, ItemsIn, RequestError, TextsIn, check_adapters, check_texts, doc_json, pipeline_batcher,
     public_message, request_error, scrub, wordpiece_costs,
 )
 from .batcher import Batcher, Job, QueueFull, ShuttingDown, estimate_wordpieces
 from ..errors import Errors
-from .pool import AdapterPool, InvalidAdapterName, UnknownAdapter
+from .pool import AdapterLoadFailed, AdapterPool, InvalidAdapterName, UnknownAdapter
 
 __all__ = [  # doc_json, BATCHING, DTYPES, config_fields: re-exported for code that imported them from here
     "ServeConfig", "config_fields", "BATCHING", "DTYPES", "create_app", "serve", "set_threads",
@@ -94,10 +94,12 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 # -- compatibility: names other modules imported from here --------------------
 
 
-def check_size(config: ServeConfig, texts: Sequence[str]) -> None:
-    """:func:`~spacy_ptuning.api.check_texts` as an HTTPException."""
+def check_size(config: ServeConfig, texts: Sequence[str], names: Sequence[str] = ()) -> None:
+    """:func:`~spacy_ptuning.api.check_texts` and
+    :func:`~spacy_ptuning.api.check_adapters` as an HTTPException."""
     try:
         check_texts(config, texts)
+        check_adapters(config, names)
     except RequestError as e:
         raise HTTPException(e.status, e.detail, headers=e.headers or None)
 
@@ -635,6 +637,7 @@ async def _answer(
     try:
         try:
             check_texts(config, [t for _, t in items], "items" if mixed else "texts")
+            check_adapters(config, names)
             try:  # refuse an overloaded server's requests before loading or tokenising anything
                 state.batcher.admit(len(items), sum(estimate_wordpieces(t) for _, t in items))
             except (QueueFull, ShuttingDown) as e:
@@ -732,6 +735,28 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def check_budget(pool: AdapterPool) -> None:
+    """Load the adapter with the fewest bytes on disk (the next one, if that
+    one is broken): exits with PT-E050 when the pool's memory budget cannot
+    hold even that one."""
+    names = pool.names()
+    if not names:
+        return
+
+    def size(name: str) -> int:
+        location = Path(pool.describe(name)["location"])
+        return sum(f.stat().st_size for f in location.rglob("*") if f.is_file()) if location.is_dir() else 0
+
+    for name in sorted(names, key=size):
+        try:
+            pool.get(name)
+            return
+        except AdapterLoadFailed as e:
+            if "PT-E050" in str(e):
+                raise SystemExit(f"Cannot start: the smallest adapter, {name!r}, does not fit: {e}")
+            # a broken adapter fails alone (per request, as always): try the next
+
+
 def serve(
     source: Union[str, Path, Mapping[str, Union[str, Path]]],
     config: Optional[ServeConfig] = None,
@@ -739,18 +764,24 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8080,
     max_loaded: int = 8,
+    max_resident_mb: Optional[float] = None,
     check_interval: Optional[float] = 1.0,
     log_level: str = "info",
 ) -> None:
     """Run the server until SIGTERM/SIGINT (then drain, and finish the
-    accepted requests)."""
+    accepted requests). With ``max_resident_mb``, the smallest adapter
+    folder is loaded first: a budget that cannot hold it stops the server
+    here (PT-E050), not at the first request."""
     config = config or ServeConfig()
     set_threads(config.threads)
     if config.allowed_hosts is None:
         config.allowed_hosts = list(LOOPBACK_HOSTS) if _is_loopback(host) else ["*"]
     # compact: a served adapter is never trained or saved; its prompts alone
     # are kept (a P-Tuning v1 encoder or a prefix MLP is freed).
-    pool = AdapterPool(source, max_loaded=max_loaded, check_interval=check_interval, dtype=config.dtype, compact=True)
+    pool = AdapterPool(source, max_loaded=max_loaded, max_resident_mb=max_resident_mb,
+                       check_interval=check_interval, dtype=config.dtype, compact=True)
+    if max_resident_mb is not None:
+        check_budget(pool)
     app = create_app(pool, config)
     if not logging.getLogger().handlers and not access_logger.handlers:
         handler = logging.StreamHandler()
