@@ -690,6 +690,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def test_serve_command_refuses_a_memory_budget_below_every_adapter(adapters_dir, components_file):
+    out = subprocess.run(
+        [sys.executable, "-m", "spacy", "ptuning", "serve", str(adapters_dir), "--port", str(_free_port()),
+         "--max-resident-mb", "0.0005", "--code", str(components_file)],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    assert out.returncode != 0
+    assert "Cannot start" in out.stderr and "PT-E050" in out.stderr and "--max-resident-mb" in out.stderr
+
+
 def test_spacy_cli_serve_command(adapters_dir, expected, components_file):
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", SPACY_PTUNING_ADMIN_TOKEN=TOKEN)
