@@ -107,7 +107,9 @@ class Adapter(torch.nn.Module):
         copy), but it can no longer be trained or saved (PT-E049). Why: a
         P-Tuning v1 encoder or a reparameterised prefix holds 10-30x the
         bytes of the prompts it produces, and a server holding thousands of
-        adapters needs only the prompts."""
+        adapters needs only the prompts. Compact after placing the adapter
+        on its device: with no parameters left, a later ``.to(device)``
+        cannot tell which shared backbone to rebind to."""
         if self.compacted:
             return 0
         before = sum(t.numel() * t.element_size() for t in self.prompts.parameters())

@@ -751,7 +751,7 @@ def check_budget(pool: AdapterPool) -> None:
         try:
             pool.get(name)
             return
-        except AdapterLoadFailed as e:
+        except (AdapterLoadFailed, UnknownAdapter) as e:  # a folder removed meanwhile: the next
             if "PT-E050" in str(e):
                 raise SystemExit(f"Cannot start: the smallest adapter, {name!r}, does not fit: {e}")
             # a broken adapter fails alone (per request, as always): try the next
