@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from lib import common
-from lib.serving import build_adapters
+from lib.serving import build_adapters, tenant_texts
 from serve_tenants import make_tenants
 
 
@@ -26,18 +26,13 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--out-dir", type=Path, default=common.RESULTS)
     args = p.parse_args()
-    import spacy
     import torch
 
     from spacy_ptuning.serving.mixed_batch import run_items
     from spacy_ptuning.serving.pool import AdapterPool
 
     torch.set_num_threads(1)
-    vocab = spacy.blank("en").vocab
-    texts = {
-        "ner": [" ".join(common.words(d)) for d in common.read_conll(args.data_dir / "conll2003" / "dev.iob", vocab)][:500],
-        "textcat": [d.text for d in common.read_sst2(args.data_dir / "sst2" / "dev.tsv", vocab)][:500],
-    }
+    texts = tenant_texts(args.data_dir, 500)
     base = build_adapters(args.out_dir / "serve_adapters", args.data_dir, False)["ptuning"]
     load_start = os.getloadavg()
     lines = ["| resident adapters | batches | docs/s |", "| ---: | ---: | ---: |"]

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from lib import common
-from lib.serving import ADAPTERS, Server, build_adapters, closed_loop, load_test_args, percentile
+from lib.serving import ADAPTERS, Server, build_adapters, closed_loop, load_test_args, percentile, tenant_texts
 
 
 def perturbed_copy(src: Path, dst: Path, seed: int) -> None:
@@ -119,13 +119,8 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the adapter copies")
     p.add_argument("--server-args", default="")
     args = p.parse_args()
-    import spacy
 
-    vocab = spacy.blank("en").vocab
-    texts = {
-        "ner": [" ".join(common.words(d)) for d in common.read_conll(args.data_dir / "conll2003" / "dev.iob", vocab)],
-        "textcat": [d.text for d in common.read_sst2(args.data_dir / "sst2" / "dev.tsv", vocab)],
-    }
+    texts = tenant_texts(args.data_dir)
     base = build_adapters(args.out_dir / "serve_adapters", args.data_dir, False)["ptuning"]
     folder = args.out_dir / "tenant_adapters"
     counts = [int(n) for n in args.tenants.split(",")]

@@ -200,3 +200,15 @@ def percentile(values: List[float], q: float) -> float:
         return float("nan")
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def tenant_texts(data_dir: Path, limit: Optional[int] = None) -> Dict[str, List[str]]:
+    """One dev sentence a request, by task: CoNLL-2003 for NER adapters,
+    SST-2 for sentiment ones (the first ``limit`` of each)."""
+    import spacy
+
+    vocab = spacy.blank("en").vocab
+    return {
+        "ner": [" ".join(common.words(d)) for d in common.read_conll(data_dir / "conll2003" / "dev.iob", vocab)][:limit],
+        "textcat": [d.text for d in common.read_sst2(data_dir / "sst2" / "dev.tsv", vocab)][:limit],
+    }

@@ -257,11 +257,11 @@ class AdapterPool:
         :class:`UnknownAdapter` once its folder is gone and
         :class:`AdapterLoadFailed` when it cannot be loaded."""
         entry = self._entry(name)
+        nlp = self._resident(entry)
+        if nlp is not None:
+            return nlp
         nlp = entry.nlp
         due = self._check_due(entry)
-        if nlp is not None and not due:
-            self._touch(name, nlp)
-            return nlp
         if nlp is None and entry.error is not None and not due and self._clock() < entry.retry_at:
             raise AdapterLoadFailed(Errors.E034.format(name=entry.name, error=entry.error))
         with entry.lock:
@@ -281,12 +281,13 @@ class AdapterPool:
             return None
         with self._lock:
             entry = self._entries.get(name)
-        if entry is None:
-            return None
+        return self._resident(entry) if entry is not None else None
+
+    def _resident(self, entry: _Entry) -> Optional[Language]:
         nlp = entry.nlp
         if nlp is None or self._check_due(entry):
             return None
-        self._touch(name, nlp)
+        self._touch(entry.name, nlp)
         return nlp
 
     def _check_due(self, entry: _Entry) -> bool:
