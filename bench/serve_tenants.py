@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Retention as tenants grow: one server holding N resident adapters of mixed
-kinds, against the same server holding one, under the same traffic.
+kinds, against one-adapter servers, under the same traffic.
 
 The adapters: the ten kinds of the load test (``lib.serving.ADAPTERS``: NER
 and sentiment, prefix / prompt / prompt_encoder, 8-64 virtual tokens) built
@@ -16,8 +16,17 @@ sentence per request (CoNLL-2003 to NER adapters, SST-2 to sentiment ones)
 to adapters drawn uniformly or Zipf(s=1.1) (``--traffic``), for
 ``--seconds`` or ``--max-requests``, whichever ends first, in each batching
 mode (``--modes mixed,per_adapter``). Prints docs/s, p50/p95, errors, RSS
-and RSS per resident adapter, with retention = docs/s / docs/s at N = 1 of
-the same mode and traffic; writes bench/results/serve_tenants_*.json/.md.
+and RSS per resident adapter, and the retention: docs/s over the
+baseline's docs/s for the same traffic. The baseline (``--baseline
+kinds``, the default) is what the traffic would get from one-adapter
+servers, one per kind, sharing the machine: each of the ten kinds served
+alone (its own task's texts), combined by the traffic's share of each kind
+(``matched_baseline``). A one-adapter server of a single kind is not the
+baseline of mixed traffic: 64 prefix tokens, input prompts (which lengthen
+every row) or a long SST-2 sentence cost more than a CoNLL sentence under
+16 prefix tokens
+(``--baseline first``: against the first ``--tenants`` row, the older
+measure). Writes bench/results/serve_tenants_*.json/.md.
 
     python bench/serve_tenants.py [--tenants 1,10,100,1000] [--seconds 30] [--traffic uniform,zipf]
 
@@ -82,15 +91,24 @@ def make_tenants(base: Path, out: Path, n: int) -> Dict[str, str]:
     return tasks
 
 
+def traffic_weights(names: List[str], traffic: str) -> Dict[str, float]:
+    """Each tenant's share of the requests: equal ("uniform"), or Zipf(s=1.1)
+    over a fixed shuffle of the tenants (which ones are popular is not the
+    kind order)."""
+    order = sorted(names)
+    random.Random(7).shuffle(order)
+    if traffic == "zipf":
+        return {name: 1.0 / (r + 1) ** 1.1 for r, name in enumerate(order)}
+    return {name: 1.0 for name in order}
+
+
 def measure(server: Server, tasks: Dict[str, str], texts: Dict[str, list], traffic: str, args) -> dict:
     """One bounded closed-loop run over the server's tenants."""
-    names = sorted(tasks)
-    order = names[:]
-    random.Random(7).shuffle(order)  # which tenants are popular: not the kind order
-    weights = [1.0 / (r + 1) ** 1.1 for r in range(len(order))] if traffic == "zipf" else None
+    weights = traffic_weights(list(tasks), traffic)
+    order, shares = list(weights), list(weights.values())
 
     def work(rng):
-        name = rng.choices(order, weights)[0] if weights else rng.choice(order)
+        name = rng.choices(order, shares)[0]
         return name, rng.choice(texts[tasks[name]])
 
     asyncio.run(closed_loop(server.url, work, args.clients, 3, 200))  # warm
@@ -103,7 +121,52 @@ def measure(server: Server, tasks: Dict[str, str], texts: Dict[str, list], traff
         "p50_ms": 1000 * percentile(run["latencies"], 50),
         "p95_ms": 1000 * percentile(run["latencies"], 95),
         "rss_mb": server.rss_mb(),
+        "latencies": run["latencies"],
     }
+
+
+def kind_of(tenant: str) -> str:
+    """The kind (``ADAPTERS`` name) of a tenant made by :func:`make_tenants`."""
+    return tenant.rsplit("-t", 1)[0]
+
+
+def one_per_kind(base: Path, folder: Path, texts, mode: str, args) -> Dict[str, dict]:
+    """The baseline of heterogeneous traffic: each kind served alone, by a
+    one-adapter server of its own (one run each, its own task's texts)."""
+    results = {}
+    for k, (name, task, _, _) in enumerate(ADAPTERS):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        tenant = f"{name}-t{k:05d}"
+        perturbed_copy(base / name, folder / tenant, seed=k)  # tenant k of every N is this same adapter
+        server = Server(folder, load_test_args(mode, 1, "all") + args.server_args.split())
+        try:
+            server.wait_ready(timeout=600)
+            results[name] = measure(server, {tenant: task}, texts, "uniform", args)
+        finally:
+            server.stop()
+        print(json.dumps({"kind": name, "mode": mode} | {k: v for k, v in results[name].items() if k != "latencies"}), flush=True)
+    return results
+
+
+def matched_baseline(alone: Dict[str, dict], tasks: Dict[str, str], traffic: str) -> Dict[str, float]:
+    """What one-adapter servers of each kind, sharing the machine, would serve
+    of this traffic: with s_k the share of kind k's requests and r_k its
+    server's docs/s, 1 / sum(s_k / r_k) docs/s; p95 of the kinds' latencies,
+    each weighted by its share."""
+    shares: Dict[str, float] = {}
+    for tenant, weight in traffic_weights(list(tasks), traffic).items():
+        shares[kind_of(tenant)] = shares.get(kind_of(tenant), 0.0) + weight
+    total = sum(shares.values())
+    docs = 1.0 / sum(w / total / alone[k]["docs_per_s"] for k, w in shares.items())
+    weighted = sorted((lat, shares[k] / total / len(alone[k]["latencies"])) for k in shares for lat in alone[k]["latencies"])
+    acc, p95 = 0.0, weighted[-1][0]
+    for lat, w in weighted:
+        acc += w
+        if acc >= 0.95:
+            p95 = lat
+            break
+    return {"docs_per_s": docs, "p95_ms": 1000 * p95}
 
 
 def main() -> None:
@@ -118,6 +181,9 @@ def main() -> None:
     p.add_argument("--out-dir", type=Path, default=common.RESULTS)
     p.add_argument("--keep", action="store_true", help="keep the adapter copies")
     p.add_argument("--server-args", default="")
+    p.add_argument("--baseline", choices=("kinds", "first"), default="kinds",
+                   help="retention against one-adapter servers of each kind, share-matched to the traffic "
+                        "(kinds), or against the first --tenants row alone (first)")
     args = p.parse_args()
 
     texts = tenant_texts(args.data_dir)
@@ -125,9 +191,13 @@ def main() -> None:
     folder = args.out_dir / "tenant_adapters"
     counts = [int(n) for n in args.tenants.split(",")]
     rows: List[dict] = []
+    alone: Dict[str, Dict[str, dict]] = {}
     started = time.time()
     load_start = os.getloadavg()
     try:
+        if args.baseline == "kinds":
+            for mode in args.modes.split(","):
+                alone[mode] = one_per_kind(base, folder, texts, mode, args)
         for n in counts:
             t0 = time.perf_counter()
             shutil.rmtree(folder, ignore_errors=True)
@@ -142,7 +212,9 @@ def main() -> None:
                     for traffic in args.traffic.split(","):
                         rows.append(measure(server, tasks, texts, traffic, args) | {
                             "tenants": n, "mode": mode, "traffic": traffic, "ready_s": ready, "made_s": made})
-                        print(json.dumps(rows[-1]), flush=True)
+                        if alone:
+                            rows[-1]["baseline"] = matched_baseline(alone[mode], tasks, traffic)
+                        print(json.dumps({k: v for k, v in rows[-1].items() if k != "latencies"}), flush=True)
                 finally:
                     server.stop()
     finally:
@@ -150,14 +222,23 @@ def main() -> None:
             shutil.rmtree(folder, ignore_errors=True)
     for row in rows:
         one = next((r for r in rows if r["tenants"] == counts[0] and r["mode"] == row["mode"] and r["traffic"] == row["traffic"]), None)
-        row["retention"] = row["docs_per_s"] / one["docs_per_s"] if one and one["docs_per_s"] else None
-        row["p95_vs_one"] = row["p95_ms"] / one["p95_ms"] if one and one["p95_ms"] else None
+        ref = row.get("baseline") or one
+        row["retention"] = row["docs_per_s"] / ref["docs_per_s"] if ref and ref["docs_per_s"] else None
+        row["p95_vs_one"] = row["p95_ms"] / ref["p95_ms"] if ref and ref["p95_ms"] else None
         row["rss_per_tenant_mb"] = (row["rss_mb"] - one["rss_mb"]) / max(1, row["tenants"] - counts[0]) if one and row["tenants"] > counts[0] else None
-    lines = ["| tenants | mode | traffic | docs/s | retention | p50 ms | p95 ms | p95 / one | errors | RSS MB | MB per extra tenant | ready s |",
-             "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+    f = lambda v, d=1: "-" if v is None else f"{v:,.{d}f}"  # noqa: E731
+    lines = []
+    if alone:
+        lines += ["One-adapter servers, one per kind (the baseline):", "",
+                  "| mode | kind | docs/s | p50 ms | p95 ms | errors |", "| --- | --- | ---: | ---: | ---: | --- |"]
+        lines += [f"| {mode} | {kind} | {f(r['docs_per_s'])} | {f(r['p50_ms'])} | {f(r['p95_ms'])} | {r['errors'] or 0} |"
+                  for mode, kinds in alone.items() for kind, r in kinds.items()]
+        lines += ["", "Retention = docs/s / the baseline's docs/s for the same traffic (share-matched over the kinds).", ""]
+    lines += ["| tenants | mode | traffic | docs/s | baseline docs/s | retention | p50 ms | p95 ms | p95 / baseline | errors | RSS MB | MB per extra tenant | ready s |",
+              "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     for r in rows:
-        f = lambda v, d=1: "-" if v is None else f"{v:,.{d}f}"  # noqa: E731
-        lines.append(f"| {r['tenants']:,} | {r['mode']} | {r['traffic']} | {f(r['docs_per_s'])} | {f(r['retention'], 2)} | "
+        ref = r.get("baseline") or next((o for o in rows if o["tenants"] == counts[0] and o["mode"] == r["mode"] and o["traffic"] == r["traffic"]), {})
+        lines.append(f"| {r['tenants']:,} | {r['mode']} | {r['traffic']} | {f(r['docs_per_s'])} | {f(ref.get('docs_per_s'))} | {f(r['retention'], 2)} | "
                      f"{f(r['p50_ms'])} | {f(r['p95_ms'])} | {f(r['p95_vs_one'], 2)} | {r['errors'] or 0} | {f(r['rss_mb'], 0)} | "
                      f"{f(r['rss_per_tenant_mb'], 2)} | {f(r['ready_s'])} |")
     info = common.machine_info()
@@ -168,7 +249,12 @@ def main() -> None:
     print(table + footer)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out_dir / f"serve_tenants_{stamp}"
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "args": vars(args) | {"data_dir": str(args.data_dir), "out_dir": str(args.out_dir)}}, indent=1))
+    for row in rows:
+        del row["latencies"]
+    for kinds in alone.values():
+        for r in kinds.values():
+            r.pop("latencies", None)
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "alone": alone, "args": vars(args) | {"data_dir": str(args.data_dir), "out_dir": str(args.out_dir)}}, indent=1))
     out.with_suffix(".md").write_text(table + footer + "\n")
 
 

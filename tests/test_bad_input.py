@@ -220,15 +220,30 @@ def test_gpu_requested_without_cuda_torch_says_what_to_install(tiny_bert, monkey
     assert "--gpu-id -1" in message
 
 
+def _no_probe():
+    raise AssertionError("a CPU without bfloat16 instructions needs no timing")
+
+
 @pytest.mark.parametrize(
-    "flags,expected",
-    [({"avx512f", "avx512_bf16"}, "bfloat16"), ({"amx_bf16", "amx_tile"}, "bfloat16"), ({"avx2", "avx512f"}, "float32"), (set(), "float32")],
+    "flags,speedup,expected",
+    [
+        ({"avx512f", "avx512_bf16"}, 2.5, "bfloat16"),
+        ({"amx_bf16", "amx_tile"}, 6.0, "bfloat16"),
+        ({"avx512f", "avx512_bf16"}, 0.6, "float32"),  # seen: AVX512-BF16 without AMX, bf16 slower
+        ({"avx512f", "avx512_bf16"}, 1.1, "float32"),  # within the margin: not worth the rounding
+        ({"avx2", "avx512f"}, None, "float32"),
+        (set(), None, "float32"),
+    ],
 )
-def test_auto_dtype_follows_the_cpu(tiny_bert, monkeypatch, capsys, flags, expected):
+def test_auto_dtype_follows_the_cpu(tiny_bert, monkeypatch, capsys, flags, speedup, expected):
     from spacy_ptuning.model import backbone as bb
 
     monkeypatch.setattr(bb, "_cpu_flags", lambda: set(flags))
-    assert bb.auto_dtype(torch.device("cpu"))[0] == expected
+    monkeypatch.setattr(bb, "_bf16_speedup", _no_probe if speedup is None else lambda: speedup)
+    choice, reason = bb.auto_dtype(torch.device("cpu"))
+    assert choice == expected
+    if speedup is not None and expected == "float32":
+        assert f"ran only {speedup:.2f}x as fast" in reason and 'dtype = "bfloat16"' in reason
     nlp = spacy.blank("en")
     nlp.add_pipe("ptuning_ner", config={"model": {"tok2vec": {"backbone": tiny_bert, "dtype": "auto", "num_virtual_tokens": 4}}})
     assert get_adapter(nlp.get_pipe("ptuning_ner").model).backbone.dtype == expected
