@@ -220,6 +220,12 @@ class Errors(metaclass=ErrorsWithCodes):
         "max_resident_mb must be a positive number of megabytes (or None: a "
         "budget by count alone, --max-loaded); got {value!r}."
     )
+    E052 = (
+        "The folder '{location}' changed while it was being loaded, {attempts} "
+        "times in a row, so no consistent version of it could be read. Write a new "
+        "version to a temporary folder next to it and rename it into place (an "
+        "atomic replace), rather than rewriting files in the served folder."
+    )
 
 
 def errors_table() -> str:

@@ -95,6 +95,56 @@ def test_changed_folder_is_reloaded_and_old_object_keeps_working(saved, tmp_path
     assert [(e.start, e.end) for e in old(TEXT).ents] == [(e.start, e.end) for e in nlps["ner-a"](TEXT).ents]
 
 
+class _RewritingPool(AdapterPool):
+    """A pool whose folder of ``target`` is rewritten in place by
+    ``rewrite(load number)`` right after each load of it has read it (as a
+    deploy that copies files into the served folder would, mid-load)."""
+
+    def __init__(self, *args, target, rewrite, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.target, self.rewrite, self.reads = target, rewrite, 0
+
+    def _spacy_load(self, location):
+        nlp = super()._spacy_load(location)
+        if location.endswith(self.target):
+            self.reads += 1
+            self.rewrite(self.reads)
+        return nlp
+
+
+def test_a_folder_replaced_while_it_loads_is_read_again(saved, tmp_path):
+    root = _copy(saved, tmp_path)
+    nlps = saved[1]
+
+    def replace_once(reads):
+        if reads == 1:  # the first read saw ner-a; the folder now holds ner-c
+            shutil.rmtree(root / "ner-a")
+            nlps["ner-c"].to_disk(root / "ner-a")
+
+    pool = _RewritingPool(root, check_interval=None, target="ner-a", rewrite=replace_once)
+    nlp = pool.get("ner-a")
+    assert pool.reads == 2
+    (adapter,) = [a for _, p in nlp.pipeline for _, _, a in find_adapter_layers(p)]
+    assert adapter.num_virtual_tokens == 3  # ner-c's (ner-a has 4): the version now on disk
+    assert pool.get("ner-a") is nlp and pool.stats["loads"] == 1
+
+
+def test_a_folder_that_keeps_changing_fails_alone_with_its_error(saved, tmp_path):
+    import os
+
+    root = _copy(saved, tmp_path)
+    meta = root / "ner-a" / "meta.json"
+
+    def touch(reads):
+        os.utime(meta, ns=(reads * 10**9, reads * 10**9))
+
+    pool = _RewritingPool(root, check_interval=None, target="ner-a", rewrite=touch)
+    with pytest.raises(AdapterLoadFailed, match="PT-E052") as info:
+        pool.get("ner-a")
+    assert "rename it into place" in str(info.value) and pool.reads == 3
+    assert pool.get("ner-b")(TEXT) is not None and pool.stats["load_failures"] == 1
+
+
 def test_failed_reload_keeps_serving_the_old_version_and_says_why(saved, tmp_path):
     root = _copy(saved, tmp_path)
     pool = AdapterPool(root, check_interval=0)

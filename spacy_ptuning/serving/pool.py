@@ -33,6 +33,9 @@ from spacy.language import Language
 from ..errors import Errors, PTuningError
 from ..pipeline.transformer_model import find_adapter_layers
 
+# Loads of one folder that may each see it change (rewritten in place) before
+# the pool gives up with PT-E052 (AdapterPool._consistent_load).
+LOAD_ATTEMPTS = 3
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 TASKS = {
     "ptuning_ner": "ner",
@@ -313,7 +316,7 @@ class AdapterPool:
         start = time.perf_counter()
         entry.loading = True
         try:
-            nlp = self._spacy_load(entry.location)
+            nlp, signature = self._consistent_load(entry.location, signature)
             if self.compact:
                 for _, pipe in nlp.pipeline:
                     for _, _, adapter in find_adapter_layers(pipe):
@@ -348,6 +351,22 @@ class AdapterPool:
         entry.failed_signature, entry.backoff = None, 0.0
         entry.version += 1
         return nlp
+
+    def _consistent_load(self, location: str, signature: Optional[Tuple]) -> Tuple[Language, Optional[Tuple]]:
+        """The pipeline at ``location`` and the signature of the files it was
+        read from. A folder rewritten in place while it loads could give a
+        pipeline of old and new files (a config of one version, weights of
+        another); so the signature is taken again after the load, and a
+        load that saw the folder change is discarded and repeated, up to
+        ``LOAD_ATTEMPTS`` times, then fails with PT-E052 (and the usual
+        backoff)."""
+        for _ in range(LOAD_ATTEMPTS):
+            nlp = self._spacy_load(location)
+            after = _signature(location)
+            if after == signature:
+                return nlp, signature
+            signature = after
+        raise AdapterLoadFailed(Errors.E052.format(location=location, attempts=LOAD_ATTEMPTS))
 
     def _forget(self, entry: _Entry) -> None:
         with self._lock:
