@@ -138,10 +138,13 @@ def test_a_folder_that_keeps_changing_fails_alone_with_its_error(saved, tmp_path
     def touch(reads):
         os.utime(meta, ns=(reads * 10**9, reads * 10**9))
 
-    pool = _RewritingPool(root, check_interval=None, target="ner-a", rewrite=touch)
+    pool = _RewritingPool(root, check_interval=0, target="ner-a", rewrite=touch)  # the folder compared on every get
     with pytest.raises(AdapterLoadFailed, match="PT-E052") as info:
         pool.get("ner-a")
     assert "rename it into place" in str(info.value) and pool.reads == 3
+    with pytest.raises(AdapterLoadFailed, match="PT-E052"):
+        pool.get("ner-a")  # the folder has not changed since: the failure is remembered, no new reads
+    assert pool.reads == 3
     assert pool.get("ner-b")(TEXT) is not None and pool.stats["load_failures"] == 1
 
 

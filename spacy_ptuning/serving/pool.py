@@ -332,7 +332,9 @@ class AdapterPool:
                 else self.retry_after_failure
             )
             entry.error = f"{type(e).__name__}: {e}"
-            entry.failed_signature, entry.retry_at = signature, now + entry.backoff
+            # The folder as it is now: a load that failed on a folder changing
+            # under it (PT-E052) backs off until the folder changes again.
+            entry.failed_signature, entry.retry_at = _signature(entry.location), now + entry.backoff
             with self._lock:
                 self.stats["load_failures"] += 1
             if entry.nlp is not None:  # a failed reload: the old version keeps serving
