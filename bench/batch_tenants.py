@@ -78,6 +78,8 @@ def main() -> None:
     texts = tenant_texts(args.data_dir, 500)
     base = build_adapters(args.out_dir / "serve_adapters", args.data_dir, False)["ptuning"]
     counts = [int(k) for k in args.tenants.split(",")]
+    if any(n < len(ADAPTERS) or n % len(ADAPTERS) for n in counts):
+        p.error(f"--tenants: each N must be a multiple of {len(ADAPTERS)} (the kinds), so that every N has every kind")
     folder = args.out_dir / "tenant_adapters_inprocess"
     shutil.rmtree(folder, ignore_errors=True)
     load_start = os.getloadavg()

@@ -158,8 +158,10 @@ def matched_baseline(alone: Dict[str, dict], tasks: Dict[str, str], traffic: str
     for tenant, weight in traffic_weights(list(tasks), traffic).items():
         shares[kind_of(tenant)] = shares.get(kind_of(tenant), 0.0) + weight
     total = sum(shares.values())
-    docs = 1.0 / sum(w / total / alone[k]["docs_per_s"] for k, w in shares.items())
     weighted = sorted((lat, shares[k] / total / len(alone[k]["latencies"])) for k in shares for lat in alone[k]["latencies"])
+    if not weighted or any(not alone[k]["docs_per_s"] for k in shares):
+        return {"docs_per_s": None, "p95_ms": None}  # a kind answered nothing alone: no baseline
+    docs = 1.0 / sum(w / total / alone[k]["docs_per_s"] for k, w in shares.items())
     acc, p95 = 0.0, weighted[-1][0]
     for lat, w in weighted:
         acc += w
