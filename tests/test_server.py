@@ -31,6 +31,7 @@ SLOW_SECONDS = 0.6
 # Custom components for test adapters, in a file: imported here and by the
 # serve command's --code (as spaCy's own commands import custom code).
 COMPONENTS = """
+import threading
 import time
 
 from spacy.language import Language
@@ -54,6 +55,23 @@ class Sleep:
         docs = list(docs)
         time.sleep(self.seconds)
         return docs
+
+
+@Language.factory("ptuning_test_gate")
+def make_gate(nlp, name):
+    \"\"\"Holds each batch until a test calls `.opened.set()`: an adapter
+    slow for exactly as long as the test needs, whatever the machine's load.\"\"\"
+    return Gate()
+
+
+class Gate:
+    def __init__(self):
+        self.opened = threading.Event()
+
+    def __call__(self, doc):
+        if not self.opened.wait(120):
+            raise RuntimeError("the test never opened the gate")
+        return doc
 
 
 @Language.component("ptuning_test_fragile")
@@ -85,6 +103,9 @@ def adapters_dir(tiny_bert, other_tiny_bert, tmp_path_factory, components_file):
     slow = _pipeline(tiny_bert, ["ptuning_textcat"], "prefix", 3, 6)
     slow.add_pipe("ptuning_test_sleep", config={"seconds": SLOW_SECONDS})
     slow.to_disk(root / "slow")
+    gated = _pipeline(tiny_bert, ["ptuning_textcat"], "prefix", 3, 11)
+    gated.add_pipe("ptuning_test_gate", name="gate")
+    gated.to_disk(root / "gated")
     fragile = _pipeline(tiny_bert, ["ptuning_ner"], "prompt", 2, 10)
     fragile.add_pipe("ptuning_test_fragile")
     fragile.to_disk(root / "fragile")
@@ -136,6 +157,12 @@ def running(app, graceful_s=10):
         thread.join(30)
         sock.close()
         assert not thread.is_alive(), "server did not stop"
+
+
+def _gate(app):
+    """The gated adapter's gate, in `app`'s pool (preloaded): `.set()` lets
+    its batch go on."""
+    return app.state.ptuning.pool.resident("gated").get_pipe("gate").opened
 
 
 def _app(source, max_loaded=8, **config):
@@ -195,7 +222,7 @@ def test_health_ready_and_preload(server):
     ready = server.get("/ready")
     assert ready.status_code == 200
     body = ready.json()
-    assert body["status"] == "ready" and body["adapters"] == 8
+    assert body["status"] == "ready" and body["adapters"] == 9
     assert set(SERVED) <= set(body["loaded"]) and body["preload_errors"] == {}
 
 
@@ -203,7 +230,7 @@ def test_adapters_lists_loaded_and_not_loaded(server):
     r = server.get("/adapters")
     assert r.status_code == 200
     adapters = {a["name"]: a for a in r.json()["adapters"]}
-    assert set(adapters) == {"broken", "fragile", "mismatched", "multi", "ner", "sentiment", "slow", "topics"}
+    assert set(adapters) == {"broken", "fragile", "gated", "mismatched", "multi", "ner", "sentiment", "slow", "topics"}
     assert adapters["ner"]["loaded"] is True and adapters["slow"]["loaded"] is False
     ner = adapters["ner"]["components"]
     assert [(c["task"], c["labels"], c["method"], c["num_virtual_tokens"]) for c in ner] == [("ner", ["PER"], "prefix", 4)]
@@ -472,15 +499,18 @@ def _post_in_thread(url, path, payload, results, timeout=20):
 
 
 def test_full_queue_answers_503_with_retry_after(adapters_dir):
-    app = _app(adapters_dir, max_queue=1, preload=["slow", "ner"])
+    app = _app(adapters_dir, max_queue=1, preload=["gated", "ner"])
     with running(app) as (url, _), httpx.Client(base_url=url, timeout=20) as client:
         _wait_ready(client)
         results = []
-        thread = _post_in_thread(url, "/adapters/slow/process", {"texts": ["a good film"]}, results)
-        _wait_for(lambda: _metric(client, "ptuning_queue_texts") == 1, what="the slow request")
-        r = client.post("/adapters/ner/process", json={"texts": ["alice"]})
-        assert r.status_code == 503 and r.headers["retry-after"] == "1"
-        assert "--max-queue 1" in r.json()["detail"]
+        try:
+            thread = _post_in_thread(url, "/adapters/gated/process", {"texts": ["a good film"]}, results)
+            _wait_for(lambda: _metric(client, "ptuning_queue_texts") == 1, what="the gated request")
+            r = client.post("/adapters/ner/process", json={"texts": ["alice"]})
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert "--max-queue 1" in r.json()["detail"]
+        finally:
+            _gate(app).set()
         thread.join(20)
         assert results[0].status_code == 200  # the accepted one is answered
         assert client.post("/adapters/ner/process", json={"texts": ["alice"]}).status_code == 200
@@ -488,36 +518,47 @@ def test_full_queue_answers_503_with_retry_after(adapters_dir):
 
 
 def test_request_timeout_is_504_and_server_recovers(adapters_dir):
-    app = _app(adapters_dir, timeout_s=SLOW_SECONDS / 3, preload=["slow", "ner"])
+    # The gated adapter holds its batch until the test opens it: the 504 does
+    # not depend on how fast the machine is, and the timeout is long enough
+    # for the next request on a machine with every core busy.
+    app = _app(adapters_dir, timeout_s=3, preload=["gated", "ner"])
     with running(app) as (url, _), httpx.Client(base_url=url, timeout=20) as client:
         _wait_ready(client)
-        r = client.post("/adapters/slow/process", json={"texts": ["a good film"]})
-        assert r.status_code == 504 and "--timeout" in r.json()["detail"]
-        _wait_for(lambda: _metric(client, "ptuning_queue_texts") == 0, what="the slow batch")
+        try:
+            r = client.post("/adapters/gated/process", json={"texts": ["a good film"]})
+            assert r.status_code == 504 and "--timeout" in r.json()["detail"]
+            assert _metric(client, "ptuning_batch_texts_count") == 0  # the batch still runs
+        finally:
+            _gate(app).set()
+        _wait_for(lambda: _metric(client, "ptuning_batch_texts_count") == 1, what="the gated batch")
         assert client.post("/adapters/ner/process", json={"texts": ["alice"]}).status_code == 200
         assert _metric(client, "ptuning_timeouts_total") == 1
 
 
 def test_concurrent_clients_are_batched_together(adapters_dir, expected):
-    app = _app(adapters_dir, max_wait_ms=5, preload=SERVED + ["slow"])
+    app = _app(adapters_dir, max_wait_ms=5, preload=SERVED + ["gated"])
     with running(app) as (url, _), httpx.Client(base_url=url, timeout=20) as client:
         _wait_ready(client)
-        # A slow batch holds the worker while 8 clients send theirs: they
+        # A gated batch holds the worker while 8 clients send theirs: they
         # queue, and the next batch takes them together.
         blocker = []
-        slow = _post_in_thread(url, "/adapters/slow/process", {"texts": ["a good film"]}, blocker)
+        slow = _post_in_thread(url, "/adapters/gated/process", {"texts": ["a good film"]}, blocker)
         _wait_for(lambda: _metric(client, "ptuning_batch_texts_count") == 0 and _metric(client, "ptuning_queue_texts") == 1)
         results = {}
         threads = []
-        for k in range(8):
-            name = SERVED[k % len(SERVED)]
-            text = TEXTS[k % len(TEXTS)]
-            results[k] = []
-            path, payload = (
-                (f"/adapters/{name}/process", {"texts": [text]}) if k % 2
-                else ("/process", {"items": [{"adapter": name, "text": text}]})
-            )
-            threads.append((name, text, k % 2, _post_in_thread(url, path, payload, results[k])))
+        try:
+            for k in range(8):
+                name = SERVED[k % len(SERVED)]
+                text = TEXTS[k % len(TEXTS)]
+                results[k] = []
+                path, payload = (
+                    (f"/adapters/{name}/process", {"texts": [text]}) if k % 2
+                    else ("/process", {"items": [{"adapter": name, "text": text}]})
+                )
+                threads.append((name, text, k % 2, _post_in_thread(url, path, payload, results[k])))
+            _wait_for(lambda: _metric(client, "ptuning_queue_texts") == 9, what="the 8 requests")
+        finally:
+            _gate(app).set()
         for *_, t in threads:
             t.join(20)
         slow.join(20)
@@ -554,21 +595,24 @@ def test_requests_are_gathered_until_the_text_budget(adapters_dir, expected):
 
 
 def test_client_disconnect_does_not_wedge_the_batcher(adapters_dir):
-    app = _app(adapters_dir, preload=["slow", "ner"])
+    app = _app(adapters_dir, preload=["gated", "ner"])
     with running(app) as (url, _), httpx.Client(base_url=url, timeout=20) as client:
         _wait_ready(client)
         results = []
-        slow = _post_in_thread(url, "/adapters/slow/process", {"texts": ["a good film"]}, results)
-        _wait_for(lambda: _metric(client, "ptuning_queue_texts") == 1)
-        # A raw client queues a request behind the slow one, then hangs up.
-        port = int(url.rsplit(":", 1)[1])
-        body = json.dumps({"texts": ["alice visited paris"]}).encode()
-        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
-        raw.sendall(b"POST /adapters/ner/process HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                    + f"content-length: {len(body)}\r\n\r\n".encode() + body)
-        _wait_for(lambda: _metric(client, "ptuning_queue_texts") == 2, what="the raw request")
-        raw.close()
-        _wait_for(lambda: _metric(client, "ptuning_client_disconnects_total") == 1, what="the disconnect")
+        slow = _post_in_thread(url, "/adapters/gated/process", {"texts": ["a good film"]}, results)
+        try:
+            _wait_for(lambda: _metric(client, "ptuning_queue_texts") == 1)
+            # A raw client queues a request behind the gated one, then hangs up.
+            port = int(url.rsplit(":", 1)[1])
+            body = json.dumps({"texts": ["alice visited paris"]}).encode()
+            raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+            raw.sendall(b"POST /adapters/ner/process HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                        + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+            _wait_for(lambda: _metric(client, "ptuning_queue_texts") == 2, what="the raw request")
+            raw.close()
+            _wait_for(lambda: _metric(client, "ptuning_client_disconnects_total") == 1, what="the disconnect")
+        finally:
+            _gate(app).set()
         slow.join(20)
         assert results[0].status_code == 200
         # The abandoned request was dropped unrun, and the batcher goes on.
