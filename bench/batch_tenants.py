@@ -12,10 +12,15 @@ per kind (what ten one-adapter servers would compute, in one pass), at
 N = 1,000 up to ``--batch`` distinct adapters. The difference is the cost
 of distinct adapters per batch; the stage columns say in which part of
 ``pipe_mixed`` it is (tokenisation and alignment, the backbone pass,
-pooling back to tokens, and each kind of component, word features
-included in the NER components' time).
+pooling back to tokens, the word features of the NER adapters when
+gathered for the whole batch, and each kind of component).
 
-    python bench/batch_tenants.py [--tenants 10,1000] [--batch 8,32] [--seconds 20]
+``--words gathered,thinc`` runs each N both ways: the word features gathered
+for all pipelines of a batch (``pipeline.gathered_words``, what the server
+does) and each model's own thinc forward (their time then counts in the
+NER components' column).
+
+    python bench/batch_tenants.py [--tenants 10,1000] [--batch 8,32] [--seconds 20] [--words gathered,thinc]
 """
 import argparse
 import os
@@ -29,7 +34,7 @@ from lib import common
 from lib.serving import ADAPTERS, build_adapters, tenant_texts
 from serve_tenants import make_tenants
 
-STAGES = ("wordpieces", "backbone", "pooling", "ner", "textcat")
+STAGES = ("wordpieces", "backbone", "pooling", "words", "ner", "textcat")
 
 
 def instrument(clock):
@@ -49,6 +54,7 @@ def instrument(clock):
     mixed_batch.prepare_wordpieces = timed("wordpieces", mixed_batch.prepare_wordpieces)
     mixed_batch.encode_rows = timed("backbone", mixed_batch.encode_rows)
     mixed_batch.vectors_from_batch = timed("pooling", mixed_batch.vectors_from_batch)
+    mixed_batch.gathered_word_features = timed("words", mixed_batch.gathered_word_features)
     run_pipes = mixed_batch._run_pipes
 
     def components(nlp, docs, start, end):
@@ -65,10 +71,15 @@ def main() -> None:
     p.add_argument("--tenants", default="10,1000")
     p.add_argument("--batch", default="8,32")
     p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--words", default="gathered", help="gathered, thinc or both (comma-separated): how word features run")
     p.add_argument("--out-dir", type=Path, default=common.RESULTS)
     args = p.parse_args()
+    modes = args.words.split(",")
+    if not set(modes) <= {"gathered", "thinc"}:
+        p.error("--words: gathered, thinc, or gathered,thinc")
     import torch
 
+    from spacy_ptuning.serving import mixed_batch
     from spacy_ptuning.serving.mixed_batch import MixedStats, run_items
     from spacy_ptuning.serving.pool import AdapterPool
 
@@ -83,8 +94,9 @@ def main() -> None:
     folder = args.out_dir / "tenant_adapters_inprocess"
     shutil.rmtree(folder, ignore_errors=True)
     load_start = os.getloadavg()
-    lines = ["| batch | tenants | adapters a batch | passes a batch | docs/s | ms a batch | " + " | ".join(f"{s} ms" for s in STAGES) + " |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in STAGES) + " |"]
+    gathered = mixed_batch.words_beside
+    lines = ["| batch | tenants | word features | adapters a batch | passes a batch | docs/s | ms a batch | " + " | ".join(f"{s} ms" for s in STAGES) + " |",
+             "| ---: | --- | --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in STAGES) + " |"]
     try:
         tasks = make_tenants(base, folder, max(counts))
         pool = AdapterPool(folder, max_loaded=max(counts) + 1, check_interval=None, compact=True)
@@ -93,7 +105,8 @@ def main() -> None:
         for name in names:
             pool.get(name)
         for size in (int(b) for b in args.batch.split(",")):
-            for n in counts:
+            for n, mode in ((n, mode) for n in counts for mode in modes):
+                mixed_batch.words_beside = gathered if mode == "gathered" else (lambda pipe, tok2vec: None)
                 rng, copies = random.Random(0), random.Random(1)  # the same kinds and texts at every N
 
                 def batch():
@@ -115,10 +128,11 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 per_batch = sum(distinct) / count
                 stages = " | ".join(f"{1000 * clock[s] / count:.1f}" for s in STAGES)
-                lines.append(f"| {size} | {n:,} | {per_batch:.1f} | {stats.passes / count:.1f} | "
+                lines.append(f"| {size} | {n:,} | {mode} | {per_batch:.1f} | {stats.passes / count:.1f} | "
                              f"{size * count / seconds:.1f} | {1000 * seconds / count:.1f} | {stages} |")
                 print(lines[-1], flush=True)
     finally:
+        mixed_batch.words_beside = gathered
         shutil.rmtree(folder, ignore_errors=True)
     print("\n".join(lines) + f"\n\nMachine: {common.machine_info()}; load average at start {load_start}, at end {os.getloadavg()}.")
 

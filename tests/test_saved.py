@@ -3,7 +3,11 @@
 ``tests/data/saved-0.1.0`` was written by release 0.1.0's code (commit
 6f9d7ed, ``tests/data/make_saved.py`` run from a worktree of it) with what
 that code predicted; the reference is that release's output, not this
-checkout's. Freeze each release the same way and add it to SAVED."""
+checkout's. ``saved-v2-4b8d50d`` is the same on PTuningTransformer.v2 (a
+layer mix and word features, ``make_saved.py --v2``), written at commit
+4b8d50d, before the word features' concatenation became our own node
+(``architectures.words_beside``). Freeze each release the same way and add
+it to SAVED."""
 import json
 from pathlib import Path
 
@@ -13,7 +17,7 @@ import spacy
 from spacy_ptuning.serving.mixed_batch import pipe_mixed
 
 DATA = Path(__file__).parent / "data"
-SAVED = ["saved-0.1.0"]
+SAVED = ["saved-0.1.0", "saved-v2-4b8d50d"]
 
 
 def _check(docs, expected):

@@ -13,6 +13,7 @@ from spacy_transformers.layers import split_trf_batch
 from spacy_transformers.layers.trfs2arrays import trfs2arrays
 from spacy_transformers.span_getters import configure_strided_spans, get_strided_spans
 from thinc.api import CupyOps, Model, chain, concatenate, get_current_ops, reduce_mean
+from thinc.layers.concatenate import forward as _concatenate_forward
 from thinc.types import Floats2d, Ragged
 
 from ..model.backbone import DEFAULT_BACKBONE, load_backbone
@@ -111,9 +112,44 @@ def ptuning_transformer_v2(
         return model
     if not isinstance(word_features, Model) or not word_features.has_dim("nO") or not word_features.get_dim("nO"):
         raise ConfigError(Errors.E048.format(found=type(word_features).__name__ if not isinstance(word_features, Model) else f"model '{word_features.name}' without nO"))
-    combined = concatenate(model, word_features)
-    combined.set_dim("nO", model.get_dim("nO") + word_features.get_dim("nO"))
-    return combined
+    return words_beside(model, word_features)
+
+
+def words_beside(prompted: Model, word_features: Model) -> Model[List[Doc], List[Floats2d]]:
+    """thinc's ``concatenate(prompted, word_features)``, same layers, dims and
+    init (pipelines saved with thinc's node load into it), that at inference
+    answers from vectors a mixed-adapter batch attached for it
+    (:func:`precomputed`: the prompted vectors and the word features of many
+    pipelines computed together, ``pipeline.gathered_words``); else it runs
+    thinc's concatenate forward. Its own forward is how the mixed batch
+    finds it (:func:`beside_of`)."""
+    thincs = concatenate(prompted, word_features)
+    model = Model(
+        thincs.name,
+        _beside_forward,
+        init=thincs.init,
+        dims={name: thincs.maybe_get_dim(name) for name in thincs.dim_names},
+        layers=[prompted, word_features],
+    )
+    model.set_dim("nO", prompted.get_dim("nO") + word_features.get_dim("nO"))
+    return model
+
+
+def _beside_forward(model: Model, docs: List[Doc], is_train: bool):
+    if not is_train:
+        vectors = precomputed(model, docs)
+        if vectors is not None:
+            return vectors, lambda d_outputs: docs
+    return _concatenate_forward(model, docs, is_train)
+
+
+def beside_of(model: Model, tok2vec: Model) -> Optional[Model]:
+    """The :func:`words_beside` node in ``model`` whose prompted side is
+    ``tok2vec``, or None (v1 models, v2 without word features)."""
+    for node in model.walk():
+        if node._func is _beside_forward and node.layers[0] is tok2vec:
+            return node
+    return None
 
 
 def _prompted_tok2vec(

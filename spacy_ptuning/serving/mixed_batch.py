@@ -12,8 +12,11 @@ Each adapter's rows are
 then put back into a spacy-transformers ``FullTransformerBatch`` for its docs,
 pooled to token vectors by the component's own layers, and the component runs
 as usual, with its tok2vec answering from these vectors
-(``pipeline.precomputed``). Results equal running each pipeline alone (within
-float rounding; tested on every family).
+(``pipeline.precomputed``). Word features beside the transformer
+(``PTuningTransformer.v2``'s ``word_features``) are computed for all
+pipelines' docs in one call too (``pipeline.gathered_words``), and their
+``words_beside`` node answers with both side by side. Results equal running
+each pipeline alone (within float rounding; tested on every family).
 
 Why not spaCy's ``Language.pipe``: it runs one pipeline over many docs; here
 many pipelines run over their own docs, and the backbone pass must be shared
@@ -31,7 +34,8 @@ from transformers.file_utils import ModelOutput
 from ..model import encode
 from ..model.backbone import Backbone
 from ..model.encode import Row, rows_of_batch
-from ..pipeline.architectures import vectors_from_batch
+from ..pipeline.architectures import beside_of, vectors_from_batch
+from ..pipeline.gathered_words import Plan, gathered_word_features, plan_of
 from ..pipeline.precomputed import attached
 from ..pipeline.transformer_model import find_adapter_layers, prepare_wordpieces
 
@@ -64,6 +68,7 @@ def pipe_mixed(
         by_nlp.setdefault(id(nlp), (nlp, []))[1].append(i)
     stages = []  # (nlp, indices, its docs, index of its first ptuning component)
     jobs = []  # (tok2vec layer, its transformer, adapter, docs): one set of passes for all
+    words = []  # (words_beside node, its plan, its tok2vec, docs): word features gathered for all
     for nlp, indices in by_nlp.values():
         own = [docs[i] for i in indices]
         layers = [find_adapter_layers(pipe) for _, pipe in nlp.pipeline]
@@ -72,10 +77,19 @@ def pipe_mixed(
         first = positions[0] if contiguous else len(nlp.pipeline)  # else: no mixing
         _run_pipes(nlp, own, 0, first)
         stages.append((nlp, indices, own, first))
-        for found in layers[first:]:
-            jobs.extend((tok2vec, transformer, adapter, own) for tok2vec, transformer, adapter in found)
+        for (_, pipe), found in zip(nlp.pipeline[first:], layers[first:]):
+            for tok2vec, transformer, adapter in found:
+                jobs.append((tok2vec, transformer, adapter, own))
+                planned = words_beside(pipe, tok2vec)
+                if planned is not None:
+                    words.append((*planned, tok2vec, own))
     vectors = _mixed_vectors(jobs, max_batch_tokens, stats)
-    with attached((tok2vec, doc, vectors[(id(tok2vec), id(doc))]) for tok2vec, _, _, own in jobs for doc in own):
+    answers = [(tok2vec, doc, vectors[(id(tok2vec), id(doc))]) for tok2vec, _, _, own in jobs for doc in own]
+    gathered = gathered_word_features([(plan, own) for _, plan, _, own in words])
+    for (beside, _, tok2vec, own), arrays in zip(words, gathered):
+        answers.extend((beside, doc, beside.ops.xp.hstack([vectors[(id(tok2vec), id(doc))], array]))
+                     for doc, array in zip(own, arrays))
+    with attached(answers):
         for nlp, _, own, first in stages:
             _run_pipes(nlp, own, first, len(nlp.pipeline))
     for _, indices, own, _ in stages:
@@ -118,6 +132,16 @@ def run_items(
             for i, doc in zip(indices, nlp.pipe([items[i][1] for i in indices])):
                 docs[i] = doc
     return docs  # type: ignore[return-value]
+
+
+def words_beside(pipe, tok2vec) -> Optional[Tuple[object, Plan]]:
+    """The word features beside ``tok2vec`` in ``pipe``'s model
+    (``PTuningTransformer.v2``'s ``word_features``) and their plan, if they
+    have one; else None (the component runs them itself)."""
+    model = getattr(pipe, "model", None)
+    beside = beside_of(model, tok2vec) if model is not None else None
+    plan = plan_of(beside.layers[1]) if beside is not None else None
+    return (beside, plan) if plan is not None else None
 
 
 def _run_pipes(nlp: Language, docs: List[Doc], start: int, end: int) -> None:

@@ -3,10 +3,13 @@ predicts, for tests/test_saved.py: every later version must load it and
 predict the same.
 
     python tests/data/make_saved.py tests/data/saved-0.1.0
+    python tests/data/make_saved.py --v2 tests/data/saved-v2-4b8d50d
 
 Run it from the checkout of the release being frozen (e.g. a git worktree
 of the release commit); it writes OUT/pipeline (nlp.to_disk) and
-OUT/expected.json. The backbone is the embedded MiniLM in float32 (results
+OUT/expected.json. ``--v2`` builds the components on
+PTuningTransformer.v2 (a layer mix and word features beside the
+transformer) instead of v1. The backbone is the embedded MiniLM in float32 (results
 equal across machines to ~1e-5); the prompts and heads are seeded noise
 over an initialised pipeline (non-trivial predictions without training).
 """
@@ -19,7 +22,10 @@ import torch
 from spacy.training import Example
 from spacy.util import fix_random_seed
 
-from spacy_ptuning.transformer_model import find_adapter_layers
+try:
+    from spacy_ptuning.pipeline.transformer_model import find_adapter_layers
+except ImportError:  # the layout of release 0.1.0
+    from spacy_ptuning.transformer_model import find_adapter_layers
 
 TEXTS = [
     "Alice Smith visited Paris with the Acme Corporation board .",
@@ -34,12 +40,16 @@ COMPONENTS = [  # (name, factory, method, virtual tokens)
 ]
 
 
-def main(out: Path) -> None:
+V2 = {"@architectures": "spacy_ptuning.PTuningTransformer.v2", "layer_mix": [-1, -2],
+      "word_features": {"@architectures": "spacy_ptuning.WordFeatures.v1", "width": 8}}
+
+
+def main(out: Path, v2: bool = False) -> None:
     fix_random_seed(0)
     nlp = spacy.blank("en")
     for name, factory, method, n in COMPONENTS:
         tok2vec = {"@architectures": "spacy_ptuning.PTuningTransformer.v1", "method": method,
-                   "num_virtual_tokens": n, "dtype": "float32"}
+                   "num_virtual_tokens": n, "dtype": "float32", **(V2 if v2 else {})}
         nlp.add_pipe(factory, name=name, config={"model": {"tok2vec": tok2vec}})
     examples = [
         Example.from_dict(nlp.make_doc("Alice visited Paris"), {"entities": [(0, 5, "PER"), (14, 19, "LOC")], "cats": {"POS": 1.0, "NEG": 0.0}}),
@@ -67,4 +77,5 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    args = sys.argv[1:]
+    main(Path(args[-1]), v2="--v2" in args)
