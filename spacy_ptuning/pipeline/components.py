@@ -39,9 +39,11 @@ dtype = "auto"
 STRIDED_SPANS = '@span_getters = "spacy-transformers.strided_spans.v1"\nwindow = 128\nstride = 96'
 DOC_SPANS = '@span_getters = "spacy-transformers.doc_spans.v1"'
 
-# NER reads word features beside the prompted transformer (v2: spaCy's hash
-# embeddings of norm, prefix, suffix and shape through its CNN), as
-# configs/ner.cfg does: bench/RESULTS.md, "Reading more of the backbone".
+# Both NER and text classification read word features beside the prompted
+# transformer (v2: spaCy's hash embeddings of norm, prefix, suffix and shape
+# through its CNN), as configs/ner.cfg and configs/textcat.cfg do:
+# bench/RESULTS.md, "Reading more of the backbone" (NER) and "SST-2: word
+# features beside the prompts, two seeds" (sentiment).
 WORD_FEATURES = """
 [model.tok2vec.word_features]
 @architectures = "spacy_ptuning.WordFeatures.v1"
@@ -52,6 +54,14 @@ window_size = 1
 maxout_pieces = 3
 depth = 2
 """
+
+
+def _v2_with_words(num_virtual_tokens: int, get_spans: str) -> str:
+    """The v2 tok2vec block with word features, as the shipped configs write it."""
+    return (PTUNING_TOK2VEC.format(num_virtual_tokens=num_virtual_tokens, get_spans=get_spans)
+            .replace("spacy_ptuning.PTuningTransformer.v1", "spacy_ptuning.PTuningTransformer.v2") + WORD_FEATURES)
+
+
 DEFAULT_NER_MODEL = Config().from_str(
     """
 [model]
@@ -63,9 +73,7 @@ maxout_pieces = 2
 use_upper = false
 nO = null
 """
-    + PTUNING_TOK2VEC.format(num_virtual_tokens=64, get_spans=STRIDED_SPANS)
-    .replace("spacy_ptuning.PTuningTransformer.v1", "spacy_ptuning.PTuningTransformer.v2")
-    + WORD_FEATURES
+    + _v2_with_words(64, STRIDED_SPANS)
 )["model"]
 
 _TEXTCAT_MODEL = """
@@ -78,12 +86,8 @@ use_reduce_max = false
 use_reduce_mean = true
 nO = null
 """
-DEFAULT_TEXTCAT_MODEL = Config().from_str(
-    _TEXTCAT_MODEL.format(exclusive="true") + PTUNING_TOK2VEC.format(num_virtual_tokens=20, get_spans=DOC_SPANS)
-)["model"]
-DEFAULT_MULTILABEL_MODEL = Config().from_str(
-    _TEXTCAT_MODEL.format(exclusive="false") + PTUNING_TOK2VEC.format(num_virtual_tokens=20, get_spans=DOC_SPANS)
-)["model"]
+DEFAULT_TEXTCAT_MODEL = Config().from_str(_TEXTCAT_MODEL.format(exclusive="true") + _v2_with_words(20, DOC_SPANS))["model"]
+DEFAULT_MULTILABEL_MODEL = Config().from_str(_TEXTCAT_MODEL.format(exclusive="false") + _v2_with_words(20, DOC_SPANS))["model"]
 
 
 def trainable_summary(name: str, model: Model) -> str:

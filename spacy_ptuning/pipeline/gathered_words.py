@@ -4,16 +4,17 @@ batch (``serving.mixed_batch``): the same numbers as each pipeline's own
 
 Why not the models' own forward: at inference a ``WordFeatures.v1`` model
 is about thirty thinc nodes (feature extraction, four hash tables, a maxout
-mix, a residual maxout window CNN) whose calls, closures and list/ragged
-conversions cost far more than their arithmetic on a few dozen tokens. A
-server batch over 32 adapters pays that 32 times: measured as most of what
-NER adapters lose at 1,000 tenants (``bench/batch_tenants.py``). Here a
+mix, a residual maxout window CNN), each called with its own closures and
+list/ragged conversions, and its matrix products go through thinc's blis
+``gemm``, which on a few dozen rows runs at a fraction of numpy's BLAS
+speed. A server batch over 32 adapters pays that 32 times: measured as most
+of what NER adapters lose at 1,000 tenants (``bench/batch_tenants.py``). Here a
 :class:`Plan` reads the layers' parameters once per batch and runs thinc's
-own ops on them (``hash``, ``gather_add``, ``gemm``, ``maxout``,
-``flatten``, ``seq2col``) in the order the layers run them, so results
-equal the model's own (tested against it); what is shared is read once: a
-doc's attributes (``doc.to_array``) and their hashes, for every pipeline
-and table that uses the same column and seed.
+own ops on them (``hash``, ``gather_add``, ``maxout``, ``flatten``,
+``seq2col``) in the order the layers run them, with the array library's
+matrix product in place of thinc's ``gemm`` (faster on a few dozen rows),
+so results equal the model's own to float rounding (tested against it); a
+doc's attributes (``doc.to_array``) are read once for every group it is in.
 
 Only the structure spaCy builds for ``MultiHashEmbed.v2`` (no static
 vectors) into ``MaxoutWindowEncoder.v2`` (what ``WordFeatures.v1`` and
@@ -188,7 +189,10 @@ def _apply(ops, layer: Maxout, X):
     """maxout then layer norm, as thinc's Maxout and LayerNorm forwards."""
     model = layer.maxout
     nO, nP, nI = model.get_dim("nO"), model.get_dim("nP"), model.get_dim("nI")
-    Y = ops.gemm(X, ops.reshape2f(model.get_param("W"), nO * nP, nI), trans2=True)
+    # The array library's matmul, not ops.gemm: on these small shapes (tens of
+    # rows) numpy's BLAS ran 3-6x thinc's blis gemm (bench/RESULTS.md); the
+    # same product to float32 rounding.
+    Y = ops.xp.matmul(X, ops.reshape2f(model.get_param("W"), nO * nP, nI).T)
     Y += ops.reshape1f(model.get_param("b"), nO * nP)
     best, _ = ops.maxout(ops.reshape3f(Y, Y.shape[0], nO, nP))
     mu = best.mean(axis=1, keepdims=True)
