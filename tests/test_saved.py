@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import spacy
 
-from spacy_ptuning.serving.mixed_batch import pipe_mixed
+from spacy_ptuning.pipeline.transformer_model import find_adapter_layers
+from spacy_ptuning.serving.mixed_batch import pipe_mixed, words_beside
 
 DATA = Path(__file__).parent / "data"
 SAVED = ["saved-0.1.0", "saved-v2-4b8d50d"]
@@ -34,7 +35,10 @@ def test_a_pipeline_saved_by_an_earlier_release_predicts_as_it_did(name):
     expected = json.loads((DATA / name / "expected.json").read_text())
     nlp = spacy.load(DATA / name / "pipeline")
     _check(list(nlp.pipe([e["text"] for e in expected])), expected)
-    # The same through a mixed-adapter batch, as a server runs it.
+    # The same through a mixed-adapter batch, as a server runs it (the v2
+    # pipeline's word features gathered: planned after loading too).
+    planned = [words_beside(pipe, tok2vec) is not None for _, pipe in nlp.pipeline for tok2vec, _, _ in find_adapter_layers(pipe)]
+    assert planned == [name.startswith("saved-v2")] * len(planned)
     non_empty = [e for e in expected if e["text"]]
     _check(pipe_mixed([(nlp, e["text"]) for e in non_empty]), non_empty)
     assert any(e["ents"] for e in expected) and len({round(e["cats"]["POS"], 3) for e in expected}) > 2

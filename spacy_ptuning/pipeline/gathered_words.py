@@ -119,6 +119,7 @@ def _plan_of(model: Model) -> Plan:
         _need(len(parts) == 2 and parts[1]._func is _hashembed_forward and parts[1].has_param("E"))
         column = table.attrs.get("column")
         _need(isinstance(column, int) and 0 <= column < len(columns))
+        _need(parts[0].attrs.get("index") == (slice(0, None), column))  # thinc's ints_getitem of that column
         tables.append(Table(column, int(parts[1].attrs["seed"]), parts[1]))
     _need(mix._func is _with_array_forward)
     (mix_layer,) = mix.layers
