@@ -94,7 +94,7 @@ def main() -> None:
     folder = args.out_dir / "tenant_adapters_inprocess"
     shutil.rmtree(folder, ignore_errors=True)
     load_start = os.getloadavg()
-    gathered = mixed_batch.words_beside
+    gathered = mixed_batch.planned_words
     lines = ["| batch | tenants | word features | adapters a batch | passes a batch | docs/s | ms a batch | " + " | ".join(f"{s} ms" for s in STAGES) + " |",
              "| ---: | --- | --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in STAGES) + " |"]
     try:
@@ -106,7 +106,7 @@ def main() -> None:
             pool.get(name)
         for size in (int(b) for b in args.batch.split(",")):
             for n, mode in ((n, mode) for n in counts for mode in modes):
-                mixed_batch.words_beside = gathered if mode == "gathered" else (lambda pipe, tok2vec: None)
+                mixed_batch.planned_words = gathered if mode == "gathered" else (lambda pipe, tok2vec: None)
                 rng, copies = random.Random(0), random.Random(1)  # the same kinds and texts at every N
 
                 def batch():
@@ -132,7 +132,7 @@ def main() -> None:
                              f"{size * count / seconds:.1f} | {1000 * seconds / count:.1f} | {stages} |")
                 print(lines[-1], flush=True)
     finally:
-        mixed_batch.words_beside = gathered
+        mixed_batch.planned_words = gathered
         shutil.rmtree(folder, ignore_errors=True)
     print("\n".join(lines) + f"\n\nMachine: {common.machine_info()}; load average at start {load_start}, at end {os.getloadavg()}.")
 

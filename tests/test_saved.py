@@ -15,7 +15,7 @@ import pytest
 import spacy
 
 from spacy_ptuning.pipeline.transformer_model import find_adapter_layers
-from spacy_ptuning.serving.mixed_batch import pipe_mixed, words_beside
+from spacy_ptuning.serving.mixed_batch import pipe_mixed, planned_words
 
 DATA = Path(__file__).parent / "data"
 SAVED = ["saved-0.1.0", "saved-v2-4b8d50d"]
@@ -37,7 +37,7 @@ def test_a_pipeline_saved_by_an_earlier_release_predicts_as_it_did(name):
     _check(list(nlp.pipe([e["text"] for e in expected])), expected)
     # The same through a mixed-adapter batch, as a server runs it (the v2
     # pipeline's word features gathered: planned after loading too).
-    planned = [words_beside(pipe, tok2vec) is not None for _, pipe in nlp.pipeline for tok2vec, _, _ in find_adapter_layers(pipe)]
+    planned = [planned_words(pipe, tok2vec) is not None for _, pipe in nlp.pipeline for tok2vec, _, _ in find_adapter_layers(pipe)]
     assert planned == [name.startswith("saved-v2")] * len(planned)
     non_empty = [e for e in expected if e["text"]]
     _check(pipe_mixed([(nlp, e["text"]) for e in non_empty]), non_empty)

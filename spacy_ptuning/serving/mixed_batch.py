@@ -80,7 +80,7 @@ def pipe_mixed(
         for (_, pipe), found in zip(nlp.pipeline[first:], layers[first:]):
             for tok2vec, transformer, adapter in found:
                 jobs.append((tok2vec, transformer, adapter, own))
-                planned = words_beside(pipe, tok2vec)
+                planned = planned_words(pipe, tok2vec)
                 if planned is not None:
                     words.append((*planned, tok2vec, own))
     vectors = _mixed_vectors(jobs, max_batch_tokens, stats)
@@ -134,7 +134,7 @@ def run_items(
     return docs  # type: ignore[return-value]
 
 
-def words_beside(pipe, tok2vec) -> Optional[Tuple[object, Plan]]:
+def planned_words(pipe, tok2vec) -> Optional[Tuple[object, Plan]]:
     """The word features beside ``tok2vec`` in ``pipe``'s model
     (``PTuningTransformer.v2``'s ``word_features``) and their plan, if they
     have one; else None (the component runs them itself)."""
