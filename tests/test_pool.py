@@ -3,8 +3,11 @@ bad names and broken adapters."""
 import shutil
 import threading
 
+import catalogue
 import pytest
 import spacy
+import srsly
+import srsly.msgpack
 
 from spacy_ptuning.serving.pool import AdapterLoadFailed, AdapterPool, InvalidAdapterName, UnknownAdapter
 from spacy_ptuning.pipeline.transformer_model import find_adapter_layers
@@ -412,3 +415,66 @@ def test_memory_budget_evicts_by_bytes_and_refuses_an_adapter_above_it(saved, tm
     assert freed >= 0 and resident_bytes(compact.get("ner-a")) == sizes["ner-a"] - freed == resident_bytes(nlp)
     with pytest.raises(AdapterError, match="PT-E049"):
         nlp.to_bytes()
+
+
+def test_unknown_names_are_looked_up_without_rescanning_every_folder(saved, tmp_path, monkeypatch):
+    # With thousands of adapter folders, a rescan per unknown name would be a
+    # stat per folder per request.
+    root = _copy(saved, tmp_path)
+    pool = AdapterPool(root, check_interval=None)
+    scans = []
+    real_scan = pool._scan
+    monkeypatch.setattr(pool, "_scan", lambda: scans.append(1) or real_scan())
+    for _ in range(3):
+        with pytest.raises(UnknownAdapter):
+            pool.get("nope")
+    saved[1]["ner-a"].to_disk(root / "late")
+    assert pool.get("late") is not None  # a new folder, found by its name
+    assert scans == []
+
+
+def test_a_load_beside_a_shared_vocab_keeps_its_lexemes_and_adds_its_strings(saved, tmp_path):
+    # Vocab.from_disk empties the vocab's lexeme table and copies its whole
+    # string store; a pipeline that shares another's vocab must not do that
+    # to the vocab the first one is using.
+    root = _copy(saved, tmp_path)
+    pool = AdapterPool(root, max_loaded=8, check_interval=None)
+    first = pool.get("ner-a")
+    first("zanzibarquux visited paris with bob")
+    lexemes = len(first.vocab)
+    assert lexemes > 0 and "zanzibarquux" in first.vocab.strings
+    strings_file = root / "ner-b" / "vocab" / "strings.json"
+    strings = srsly.read_json(strings_file) + ["only-in-ner-b"]
+    srsly.write_json(strings_file, strings)
+    second = pool.get("ner-b")
+    assert second.vocab is first.vocab  # shared
+    assert len(first.vocab) >= lexemes and "zanzibarquux" in first.vocab.strings
+    assert all(s in second.vocab.strings for s in strings)
+    assert [e.label_ for e in second("alice visited paris with bob").ents] == [
+        e.label_ for e in spacy.load(root / "ner-b")("alice visited paris with bob").ents]
+
+
+class _CountingRegistry(dict):
+    copies = 0
+
+    def copy(self):
+        _CountingRegistry.copies += 1
+        return dict(self)
+
+
+def test_an_adapter_load_does_not_walk_the_registry_per_unpack(saved, tmp_path, monkeypatch):
+    # catalogue's get_all copies the whole REGISTRY, and srsly calls it on
+    # every msgpack unpack (30 or more in one adapter's load). With
+    # registry_cache (installed by the pool), a load walks it a few times,
+    # for spaCy's own lookups, not once per unpack.
+    root = _copy(saved, tmp_path)
+    pool = AdapterPool(root, max_loaded=8, check_interval=None)
+    pool.get("ner-a")  # the first load builds the shared tokenizer
+    monkeypatch.setattr(catalogue, "REGISTRY", _CountingRegistry(catalogue.REGISTRY))
+    _CountingRegistry.copies = 0
+    unpacks = []
+    real_loads = srsly.msgpack.loads
+    monkeypatch.setattr(srsly.msgpack, "loads", lambda *a, **k: unpacks.append(1) or real_loads(*a, **k))
+    pool.get("ner-b")
+    assert len(unpacks) >= 5, "the load no longer unpacks through srsly.msgpack: this test checks nothing"
+    assert _CountingRegistry.copies < len(unpacks) / 2  # 2 against 8 here; 10 without the cache

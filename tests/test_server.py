@@ -332,30 +332,66 @@ class _GatedPool(AdapterPool):
 
 
 def test_cold_loads_never_delay_requests_for_resident_adapters(adapters_dir, expected):
-    # Two cold adapters load at once and hang there: both loader threads
-    # are taken. A request for a resident adapter is still answered (before
-    # the fix it waited behind the loads); then the cold ones are too.
+    # Two cold adapters are asked for. Loads run one at a time: one starts
+    # and hangs there (a slow disk), the other waits for its turn. Requests
+    # for a resident adapter are still answered: a batch waits for a running
+    # load only briefly (load_budget.py), and warm requests never queue
+    # behind the loads. Then the cold ones are answered too.
     pool = _GatedPool(adapters_dir, max_loaded=8, check_interval=None, gated=("sentiment", "topics"))
     app = _app(pool, preload=["ner"])
+    budget = app.state.ptuning.load_budget
+    names = ("sentiment", "topics")
     with running(app) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
         _wait_ready(client)
         cold = []
         threads = [_post_in_thread(url, f"/adapters/{name}/process", {"texts": [TEXTS[0]]}, cold, timeout=120)
-                   for name in ("sentiment", "topics")]
-        for name in ("sentiment", "topics"):
-            assert pool.entered[name].wait(60), f"{name} never started loading"
+                   for name in names]
+        _wait_for(lambda: any(pool.entered[n].is_set() for n in names) and budget.loads_waiting == 1,
+                  what="one load running and one waiting")
+        (loading,) = [n for n in names if pool.entered[n].is_set()]  # one load at a time
         try:
             r = client.post("/adapters/ner/process", json={"texts": [TEXTS[0]]})
             assert r.status_code == 200
             _assert_doc(r.json()["docs"][0], expected["ner"][TEXTS[0]])
             r = client.post("/process", json={"items": [{"adapter": "ner", "text": TEXTS[1]}]})
             assert r.status_code == 200
-            assert pool.states()["sentiment"][0] == "LOADING"  # still held: the warm ones did not wait
+            assert pool.states()[loading][0] == "LOADING"  # still held: the warm ones did not wait for it
+            assert budget.loads_waiting == 1
         finally:
             pool.release.set()
         for t in threads:
             t.join(120)
         assert sorted(r.status_code for r in cold) == [200, 200]
+
+
+def test_cold_requests_beyond_what_loads_in_time_are_refused_with_retry_after(adapters_dir, expected):
+    # One cold load hangs. Loads of ~10 s each (as measured) in half the
+    # time, against a 20 s timeout: the next cold request could not be
+    # loaded in time, so it is refused at once with a 503 and a Retry-After,
+    # not accepted and answered 504 later. Warm requests are not refused;
+    # once the load is done, the refused adapter is served.
+    pool = _GatedPool(adapters_dir, max_loaded=8, check_interval=None, gated=("sentiment",))
+    app = _app(pool, preload=["ner"], timeout_s=20.0, load_share=0.5)
+    budget = app.state.ptuning.load_budget
+    budget._mean = 10.0  # the recent load time
+    with running(app) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
+        _wait_ready(client)
+        cold = []
+        thread = _post_in_thread(url, "/adapters/sentiment/process", {"texts": [TEXTS[0]]}, cold, timeout=120)
+        try:
+            assert pool.entered["sentiment"].wait(60), "sentiment never started loading"
+            r = client.post("/adapters/topics/process", json={"texts": [TEXTS[0]]})
+            assert r.status_code == 503, r.text
+            assert "busy loading adapters" in r.json()["detail"] and "--load-share" in r.json()["detail"]
+            assert int(r.headers["retry-after"]) >= 1
+            assert client.post("/adapters/ner/process", json={"texts": [TEXTS[0]]}).status_code == 200
+        finally:
+            pool.release.set()
+        thread.join(120)
+        assert [r.status_code for r in cold] == [200]
+        budget._mean = 0.01
+        r = client.post("/adapters/topics/process", json={"texts": [TEXTS[0]]})
+        assert r.status_code == 200
 
 
 # -- bad input -----------------------------------------------------------------

@@ -191,14 +191,19 @@ def request_error(e: BaseException) -> RequestError:
     return RequestError(status_of(e), detail, headers)
 
 
-def pipeline_batcher(config, observer=None):
+def pipeline_batcher(config, observer=None, turns=None):
     """The :class:`~spacy_ptuning.batcher.Batcher` of a server or replica:
     texts through :func:`~spacy_ptuning.mixed_batch.run_items` with the
-    config's batching, answered as :func:`doc_json`."""
+    config's batching, answered as :func:`doc_json`; each batch in its turn
+    of ``turns`` (a :class:`~spacy_ptuning.serving.load_budget.LoadBudget`),
+    if given."""
     from .batcher import Batcher
     from .mixed_batch import MixedStats, run_items
 
     def runner(items, stats):
+        if turns is not None:
+            return turns.batch(run_items, items, batching=config.batching,
+                               max_batch_tokens=config.max_batch_tokens, stats=stats)
         return run_items(items, batching=config.batching, max_batch_tokens=config.max_batch_tokens, stats=stats)
 
     return Batcher(config, observer, runner=runner, render=doc_json, describe=public_message,

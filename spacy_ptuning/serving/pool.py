@@ -28,10 +28,12 @@ from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import spacy
+import srsly
 from spacy.language import Language
 
 from ..errors import Errors, PTuningError
 from ..pipeline.transformer_model import find_adapter_layers
+from . import registry_cache
 
 # Loads of one folder that may each see it change (rewritten in place) before
 # the pool gives up with PT-E052 (AdapterPool._consistent_load).
@@ -134,6 +136,7 @@ class AdapterPool:
     ):
         if max_loaded < 1:
             raise ValueError(Errors.E030.format(value=max_loaded))
+        registry_cache.install()  # loads several times faster (see there)
         self.max_loaded = max_loaded
         if max_resident_mb is not None and not max_resident_mb > 0:
             raise ValueError(Errors.E051.format(value=max_resident_mb))
@@ -237,9 +240,14 @@ class AdapterPool:
         with self._lock:
             entry = self._entries.get(name)
         if entry is None and self._root is not None:
-            self._scan()  # a folder added since the last scan
-            with self._lock:
-                entry = self._entries.get(name)
+            # A folder added since the last scan: looked up by its name, not
+            # by rescanning (which costs a stat per folder: with thousands of
+            # adapters on disk, every request for an unknown name would).
+            folder = self._root / name
+            if (folder / "config.cfg").exists():
+                with self._lock:
+                    if name not in self._removed:
+                        entry = self._entries.setdefault(name, _Entry(name, str(folder)))
         if entry is None:
             raise UnknownAdapter(Errors.E033.format(name=name))
         return entry
@@ -410,7 +418,15 @@ class AdapterPool:
             nlp = spacy.util.load_model_from_config(config, vocab=shared.vocab, meta=spacy.util.get_model_meta(path))
         finally:
             _HANDOVER.pop(handover, None)
-        nlp.from_disk(path, exclude=["tokenizer"])
+        # Not the vocab either: Vocab.from_disk would empty the shared vocab's
+        # lexeme table (under the docs being tokenised with it) and copy its
+        # whole string store, which grows with every text served; the
+        # pipeline's own strings are added instead.
+        nlp.from_disk(path, exclude=["tokenizer", "vocab"])
+        strings = path / "vocab" / "strings.json"
+        if strings.is_file():
+            for string in srsly.read_json(strings):
+                shared.vocab.strings.add(string)
         nlp._config["nlp"]["tokenizer"] = own_tokenizer  # nlp.config / to_disk as saved
         return nlp
 

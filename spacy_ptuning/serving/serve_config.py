@@ -51,6 +51,7 @@ class ServeConfig:
     drain_s: float = _opt(0.0, "On SIGTERM: seconds to keep serving with /ready answering 503 before the listening socket closes (requests in flight are finished either way)", "--drain-seconds")
     preload: Sequence[str] = _opt(tuple, "Adapters to load at start, comma-separated, or 'all'; /ready answers 200 once they are loaded")
     retry_after_s: int = _opt(1, "The smallest Retry-After of a 503")
+    load_share: float = _opt(0.5, "Share of the time that loading adapters for requests may take while batches wait (1: loads always go first); loads and batches never overlap. See docs/serving.md")
 
     def __post_init__(self) -> None:
         if self.batching not in BATCHING:
@@ -61,6 +62,8 @@ class ServeConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if self.timeout_s <= 0 or self.max_wait_ms < 0 or self.max_queue_wait_s <= 0 or self.read_timeout_s <= 0:
             raise ValueError("timeout_s, max_queue_wait_s and read_timeout_s must be positive and max_wait_ms at least 0")
+        if not 0 < self.load_share <= 1:
+            raise ValueError(f"load_share must be above 0 and at most 1, got {self.load_share!r}")
         if self.threads < 0 or self.drain_s < 0:
             raise ValueError("threads and drain_s must be at least 0")
         if self.dtype is not None and self.dtype not in DTYPES:

@@ -75,6 +75,7 @@ from .api import (
 )
 from .batcher import Batcher, Job, QueueFull, ShuttingDown, estimate_wordpieces
 from ..errors import Errors
+from .load_budget import LoadBudget, LoadsBusy
 from .pool import AdapterLoadFailed, AdapterPool, InvalidAdapterName, UnknownAdapter
 
 __all__ = [  # doc_json, BATCHING, DTYPES, config_fields: re-exported for code that imported them from here
@@ -144,6 +145,7 @@ class _PoolCollector:
             ("reloads", "Adapter reloads after their folder changed"),
             ("evictions", "Adapters dropped beyond max_loaded (least recently used)"),
             ("load_failures", "Adapter loads that failed"),
+            ("load_seconds", "Seconds spent in adapter loads and reloads that succeeded"),
         ):
             yield CounterMetricFamily(f"ptuning_adapter_{key}", doc, value=float(stats.get(key, 0)))
         state = GaugeMetricFamily("ptuning_adapter_state", "1 for each adapter's load state (UNLOADED, LOADING, READY, FAILED)",
@@ -348,7 +350,10 @@ class _State:
         self.pool = pool
         self.config = config
         self.metrics = _Metrics(pool, lambda: self.batcher.pending)
-        self.batcher: Batcher = pipeline_batcher(config, self.metrics)
+        # Loads for requests and batches take turns, the loads at most
+        # config.load_share of the time while a batch waits (load_budget.py).
+        self.load_budget = LoadBudget(config.load_share)
+        self.batcher: Batcher = pipeline_batcher(config, self.metrics, self.load_budget)
         self.closing = False  # draining or stopping: /ready answers 503
         self.preloaded = threading.Event()
         self.preload_errors: Dict[str, str] = {}
@@ -643,14 +648,28 @@ async def _answer(
             except (QueueFull, ShuttingDown) as e:
                 state.metrics.rejected.inc()
                 raise request_error(e)
+            cold = sum(state.pool.resident(name) is None for name in names)
+            if cold:  # refuse at once what could not be loaded in time, leaving a fifth of it for the batch
+                try:
+                    state.load_budget.admit(cold, 0.8 * config.timeout_s, busy=state.batcher.pending > 0)
+                except LoadsBusy as e:
+                    state.metrics.rejected.inc()
+                    retry = max(config.retry_after_s, int(e.wait_s - e.limit_s) + 1)
+                    raise RequestError(
+                        503, f"The server is busy loading adapters: {e.asked} loads are waiting, about "
+                        f"{e.wait_s:.0f} s of work (--load-share {config.load_share}, --timeout {config.timeout_s:g}). "
+                        f"Retry after {retry} s.", headers={"Retry-After": str(retry)})
             try:
-                warm = all(state.pool.resident(name) is not None for name in names)
-                resolved, costs = await asyncio.wait_for(
-                    loop.run_in_executor(state.warm if warm else state.loader, state.resolve, names, items,
-                                         "items" if mixed else "texts"), timeout=config.timeout_s)
+                field = "items" if mixed else "texts"
+                resolving = (loop.run_in_executor(state.loader, state.load_budget.run, state.resolve, names, items, field)
+                             if cold else loop.run_in_executor(state.warm, state.resolve, names, items, field))
+                resolved, costs = await asyncio.wait_for(resolving, timeout=config.timeout_s)
             except asyncio.TimeoutError:
                 state.metrics.timeouts.inc()
                 raise RequestError(504, f"Loading the adapters took longer than {config.timeout_s} s (--timeout); retry later.")
+            finally:
+                if cold:
+                    state.load_budget.release(cold)
             for name in names:  # the client's mistakes fail the whole request
                 found = resolved[name]
                 if isinstance(found, (UnknownAdapter, InvalidAdapterName)):

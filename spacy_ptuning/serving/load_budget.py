@@ -1,0 +1,168 @@
+"""Turns between the batcher and the loads of cold adapters, and the share
+of the time the loads may take while requests wait.
+
+Why this exists: loading an adapter is 20-30 ms of Python that holds the
+GIL (config, registries, thinc's deserialisation). A server cannot hand it
+to another process, because the pipeline must live in its own. The
+batcher's backbone pass lets go of the GIL around every torch op and must
+take it back after each one, and while a loader thread is running Python,
+each retake waits up to the interpreter's switch interval. So a load that
+overlaps a batch slows both: measured with ``bench/serve_cold.py`` on 2
+cores, loads took about 100 ms instead of 25. And a burst of cold requests
+kept two loader threads loading back to back: 50 cold adapters at once,
+beside 8 clients of warm ones, cut warm docs/s from 48 to 4.6 and raised
+warm p95 from 0.2 s to 3.1 s.
+
+:class:`LoadBudget` therefore takes turns:
+
+- a load never starts during a batch, and a batch waits for the running
+  load, for ``burst_s`` at most (a load slowed by its disk then runs beside
+  the batch); one load runs at a time, at full speed;
+- between two batches, the loads that are waiting go first while they have
+  credit. The credit is a token bucket over load seconds: it fills at
+  ``share`` of the wall time, up to ``burst_s``, and a debt is kept to
+  ``burst_s`` at most. So while the batcher has work, loads take about
+  ``share`` of the time, and warm requests keep the rest;
+- when the batcher has nothing waiting, loads run back to back;
+- :meth:`admit` counts the loads asked for and refuses those that could
+  not be done within the request timeout, so that the server answers 503
+  with a Retry-After at once instead of accepting them and answering 504.
+
+Warm requests never pass through it. Neither does preloading at start.
+"""
+import threading
+import time
+from typing import Any, Callable, Optional
+
+
+class LoadsBusy(Exception):
+    """More loads are asked for than could be done in time."""
+
+    def __init__(self, asked: int, wait_s: float, limit_s: float):
+        super().__init__(f"{asked} adapter loads are waiting, about {wait_s:.0f} s of work (limit {limit_s:g} s)")
+        self.asked, self.wait_s, self.limit_s = asked, wait_s, limit_s
+
+
+class LoadBudget:
+    """Turns between batches and loads; loads may take ``share`` (0 < share
+    <= 1) of the time while a batch is waiting, with up to ``burst_s`` seconds
+    of them at once."""
+
+    def __init__(self, share: float, burst_s: float = 0.25, *, first_load_s: float = 0.1,
+                 clock: Callable[[], float] = time.monotonic):
+        if not 0 < share <= 1:
+            raise ValueError(f"load_share must be above 0 and at most 1, got {share!r}")
+        if not burst_s > 0:
+            raise ValueError(f"the load budget's burst must be positive, got {burst_s!r}")
+        self.share, self.burst_s = share, burst_s
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._credit = burst_s
+        self._at = clock()
+        self._loading = False  # a load is running
+        self._computing = False  # a batch is running
+        self._loads_waiting = 0
+        self._batch_waiting = False
+        self.spent_s = 0.0  # seconds of loads run through the budget
+        self.loads = 0
+        self._mean: Optional[float] = None
+        self.first_load_s = first_load_s
+        self._asked = 0  # loads admitted and not yet released
+
+    @property
+    def loads_waiting(self) -> int:
+        """Loads waiting for their turn now."""
+        return self._loads_waiting
+
+    @property
+    def batch_waiting(self) -> bool:
+        """Whether a batch is waiting for its turn now."""
+        return self._batch_waiting
+
+    @property
+    def mean_load_s(self) -> float:
+        """Seconds of a recent load: an average, ``first_load_s`` before the
+        first."""
+        return self._mean if self._mean is not None else self.first_load_s
+
+    def admit(self, loads: int, limit_s: float, busy: bool = True) -> None:
+        """Count ``loads`` more loads as asked for, or raise
+        :class:`LoadsBusy` if they would not be done within ``limit_s``: the
+        loads asked for before them and these, at :attr:`mean_load_s` each,
+        in ``share`` of the time if batches keep waiting (``busy``), back
+        to back if not. Each admit needs its :meth:`release`."""
+        with self._cond:
+            work = (self._asked + loads) * self.mean_load_s
+            wait = work / self.share if busy else work
+            if self._asked and wait > limit_s:
+                raise LoadsBusy(self._asked, wait, limit_s)
+            self._asked += loads
+
+    def release(self, loads: int) -> None:
+        """The loads counted by :meth:`admit` are done (or given up)."""
+        with self._cond:
+            self._asked = max(0, self._asked - loads)
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._credit = min(self.burst_s, self._credit + (now - self._at) * self.share)
+        self._at = now
+
+    def batch(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a batch, ``fn(*args, **kwargs)``, in its turn: after the running
+        load, and after the waiting loads that have credit."""
+        with self._cond:
+            self._batch_waiting = True
+            deadline = self._clock() + self.burst_s
+            try:
+                while True:
+                    self._refill()
+                    if not self._loading and not (self._loads_waiting and self._credit >= 0):
+                        break
+                    # A load ending notifies (credit only runs out when one
+                    # ends). A load that takes longer than burst_s (a slow
+                    # disk) no longer holds the batch: it runs beside it.
+                    left = deadline - self._clock()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            finally:
+                self._batch_waiting = False
+            self._computing = True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            with self._cond:
+                self._computing = False
+                self._cond.notify_all()
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a load, ``fn(*args, **kwargs)``, in its turn. Its time is
+        charged whether it loaded anything or not."""
+        with self._cond:
+            self._loads_waiting += 1
+            try:
+                while True:
+                    self._refill()
+                    if not self._computing and not self._loading and (self._credit >= 0 or not self._batch_waiting):
+                        break
+                    timeout = None
+                    if not self._computing and not self._loading:  # a batch waits and there is no credit: wait for it
+                        timeout = -self._credit / self.share
+                    self._cond.wait(timeout)
+            finally:
+                self._loads_waiting -= 1
+            self._loading = True
+        start = self._clock()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            with self._cond:
+                self._loading = False
+                self._refill()
+                spent = self._clock() - start
+                self._credit = max(-self.burst_s, self._credit - spent)
+                self.spent_s += spent
+                self.loads += 1
+                self._mean = spent if self._mean is None else 0.8 * self._mean + 0.2 * spent
+                self._cond.notify_all()
