@@ -48,6 +48,8 @@ import multiprocessing
 import os
 import random
 import shutil
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -57,6 +59,7 @@ from lib.serving import ADAPTERS, Server, build_adapters, load_test_args, metric
 from serve_tenants import perturbed_copy
 
 FAULTS = ("truncated", "config", "checksum")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_adapters(base: Path, folder: Path, n: int, start: int) -> Dict[str, str]:
@@ -139,7 +142,6 @@ def cold_burst(url: str, plan: List[Tuple[str, str]], deadline_s: float = 600) -
         tries = 0
         while True:
             tries += 1
-            r0 = time.perf_counter()
             try:
                 r = await http.post(f"{url}/adapters/{name}/process", json={"texts": [text]})
                 code, detail, retry = r.status_code, ("" if r.status_code == 200 else r.text[:300]), r.headers.get("retry-after")
@@ -234,8 +236,11 @@ async def phases(server: Server, warm_tasks, isolated_plan, burst_plan, texts, a
                   for k in ("loads", "load_failures")},
     }
     for phase, (m0, m1) in {"isolated": (before, mid), "burst": (mid, after)}.items():
-        out["pool"][phase]["load_seconds"] = (metric(m1, "ptuning_adapter_load_seconds_total")
-                                              - metric(m0, "ptuning_adapter_load_seconds_total"))
+        for key in ("ptuning_adapter_load_seconds_total", "ptuning_load_turn_seconds_total"):
+            out["pool"][phase][key] = metric(m1, key) - metric(m0, key)
+        out["pool"][phase]["load_seconds"] = out["pool"][phase]["ptuning_adapter_load_seconds_total"]
+        out["pool"][phase]["turn_share"] = out["pool"][phase]["ptuning_load_turn_seconds_total"] / max(
+            1e-9, marks[phase][1] - marks[phase][0])
     return out
 
 
@@ -253,6 +258,7 @@ def main() -> None:
     p.add_argument("--server-args", default="")
     p.add_argument("--out-dir", type=Path, default=common.RESULTS)
     p.add_argument("--keep", action="store_true", help="keep the adapter copies")
+    p.add_argument("--before", default="", help="also run a git ref of the package (e.g. c332c9f), first, on the same adapters")
     args = p.parse_args()
 
     texts = tenant_texts(args.data_dir)
@@ -271,19 +277,48 @@ def main() -> None:
         burst_plan = [(n, rng.choice(texts[t])) for n, t in {**burst, **broken}.items()]
         rng.shuffle(burst_plan)
         total = len(warm) + len(isolated) + len(burst) + len(broken)
-        server = Server(folder, load_test_args(args.mode, total + 10, ",".join(warm)) + args.server_args.split())
+        versions = [("after (working tree)", None)]
+        if args.before:
+            tmp = Path(tempfile.mkdtemp(prefix="serve-cold-"))
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(tmp / "src"), args.before], check=True)
+            versions.insert(0, (f"before ({args.before})", tmp / "src"))
+        results = {}
         try:
-            t0 = time.perf_counter()
-            server.wait_ready(timeout=1800)
-            ready = time.perf_counter() - t0
-            result = asyncio.run(phases(server, warm, isolated_plan, burst_plan, texts, args))
-            result["rss_mb"] = server.rss_mb()
+            for label, src in versions:
+                server = Server(folder, load_test_args(args.mode, total + 10, ",".join(warm)) + args.server_args.split(),
+                                src=src)
+                try:
+                    t0 = time.perf_counter()
+                    server.wait_ready(timeout=1800)
+                    ready = time.perf_counter() - t0
+                    result = asyncio.run(phases(server, warm, isolated_plan, burst_plan, texts, args))
+                    results[label] = result | {"rss_mb": server.rss_mb(), "ready_s": ready}
+                finally:
+                    server.stop()
         finally:
-            server.stop()
+            if args.before:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "src")], check=False)
+                shutil.rmtree(tmp, ignore_errors=True)
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
 
+    tables = [table_of(label, result) for label, result in results.items()]
+    info = common.machine_info()
+    footer = (f"\n\nMachine: {info}; load average at start {load_start}, at end {os.getloadavg()}; "
+              f"{args.warm} warm adapters, {args.clients} warm clients, mode {args.mode}, server args {args.server_args!r}; "
+              + "; ".join(f"{label}: ready in {r['ready_s']:.1f} s, RSS at end {r['rss_mb']:,.0f} MB" for label, r in results.items())
+              + f"; total {(time.time() - started) / 60:.1f} min.")
+    table = "\n\n".join(tables)
+    print(table + footer)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = args.out_dir / f"serve_cold_{stamp}"
+    out.with_suffix(".json").write_text(json.dumps({"results": results, "args": vars(args) | {
+        "data_dir": str(args.data_dir), "out_dir": str(args.out_dir)}}, indent=1, default=str))
+    out.with_suffix(".md").write_text(table + footer + "\n")
+
+
+def table_of(label: str, result: dict) -> str:
     f = lambda v, d=1: "-" if v is None or v != v else f"{v:,.{d}f}"  # noqa: E731
     iso = result["isolated"]
     cold_ok = [r for r in iso if r["cold"][0] == 200 and r["warm"][0] == 200]
@@ -303,31 +338,23 @@ def main() -> None:
         *[f"| {phase} | {f(v['seconds'])} | {v['n']:,} | {f(v['docs_per_s'])} | {f(v['p50_ms'])} | {f(v['p95_ms'])} | "
           f"{f(v['max_ms'])} | {v['errors'] or 0} |" for phase, v in w.items()],
         "", "Cold requests:", "",
-        "| phase | cold requests | answered | p50 ms | p95 ms | max ms | extra p50 ms | extra p95 ms | loads | load s | retried (503) | errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| phase | cold requests | answered | p50 ms | p95 ms | max ms | extra p50 ms | extra p95 ms | p95 - warm p95 ms | loads | load s | retried (503) | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         f"| isolated (one at a time) | {len(iso)} | {len(cold_ok)} | {f(1000 * percentile([r['cold'][1] for r in cold_ok], 50))} | "
         f"{f(1000 * percentile([r['cold'][1] for r in cold_ok], 95))} | {f(1000 * max((r['cold'][1] for r in cold_ok), default=float('nan')))} | "
-        f"{f(1000 * percentile(extra, 50))} | {f(1000 * percentile(extra, 95))} | {result['pool']['isolated']['loads']:.0f} | "
+        f"{f(1000 * percentile(extra, 50))} | {f(1000 * percentile(extra, 95))} | "
+        f"{f(1000 * percentile([r['cold'][1] for r in cold_ok], 95) - w['isolated']['p95_ms'])} | {result['pool']['isolated']['loads']:.0f} | "
         f"{f(result['pool']['isolated']['load_seconds'], 2)} | - | {len(iso) - len(cold_ok)} |",
         f"| burst (all at once, {f(result['burst']['seconds'])} s) | {len(burst_rows) - len(broken_rows)} | {len(burst_ok)} | "
-        f"{f(1000 * percentile(burst_ok, 50))} | {f(1000 * percentile(burst_ok, 95))} | {f(1000 * max(burst_ok, default=float('nan')))} | - | - | "
+        f"{f(1000 * percentile(burst_ok, 50))} | {f(1000 * percentile(burst_ok, 95))} | {f(1000 * max(burst_ok, default=float('nan')))} | - | - | - | "
         f"{result['pool']['burst']['loads']:.0f} | {f(result['pool']['burst']['load_seconds'], 2)} | "
         f"{sum(r['tries'] > 1 for r in burst_rows)} | {burst_errors or 0} |",
+        "", f"Share of the burst's wall time spent in load turns: {f(result['pool']['burst']['turn_share'], 2)}.",
         "", "Broken adapters in the burst:", "",
         "| adapter | status | answer |", "| --- | --- | --- |",
         *[f"| {r['name']} | {r['code']} | {r['detail'][:160].replace('|', '/')} |" for r in sorted(broken_rows, key=lambda r: r["name"])],
     ]
-    info = common.machine_info()
-    footer = (f"\n\nMachine: {info}; load average at start {load_start}, at end {os.getloadavg()}; "
-              f"{args.warm} warm adapters, {args.clients} warm clients, mode {args.mode}; server ready in {ready:.1f} s; "
-              f"RSS at end {result['rss_mb']:,.0f} MB; total {(time.time() - started) / 60:.1f} min.")
-    table = "\n".join(lines)
-    print(table + footer)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = args.out_dir / f"serve_cold_{stamp}"
-    out.with_suffix(".json").write_text(json.dumps(result | {"args": vars(args) | {
-        "data_dir": str(args.data_dir), "out_dir": str(args.out_dir)}}, indent=1, default=str))
-    out.with_suffix(".md").write_text(table + footer + "\n")
+    return f"### {label}\n\n" + "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -139,3 +139,28 @@ def test_a_bad_share_is_refused(share):
         LoadBudget(share)
     with pytest.raises(ValueError, match="load_share"):
         ServeConfig(load_share=share)
+
+
+def test_admit_goes_by_the_measured_pace_of_a_backlog():
+    # Loads of 0.1 s that, with everything else on the machine, end only
+    # once a second: the admission goes by that pace (31 loads: 31 s), not
+    # by their length (31 x 0.1 s in half the time: 6.2 s).
+    clock = FakeClock()
+    budget = LoadBudget(0.5, clock=clock)
+    budget.admit(31, limit_s=100)
+
+    def load():
+        clock.now += 0.1
+
+    for _ in range(6):
+        budget.run(load)
+        clock.now += 0.9
+    assert budget.rate == pytest.approx(1.0)
+    assert budget.mean_load_s == pytest.approx(0.1)
+    with pytest.raises(LoadsBusy) as e:
+        budget.admit(1, limit_s=10)
+    assert e.value.wait_s == pytest.approx(32.0)
+    budget.release(31)
+    budget.run(load)  # nothing else asked for: the backlog is over, its pace forgotten
+    assert budget.rate is None
+    budget.admit(1, limit_s=10)

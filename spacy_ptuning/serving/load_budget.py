@@ -32,7 +32,8 @@ Warm requests never pass through it. Neither does preloading at start.
 """
 import threading
 import time
-from typing import Any, Callable, Optional
+from collections import deque
+from typing import Any, Callable, Deque, Optional
 
 
 class LoadsBusy(Exception):
@@ -68,6 +69,7 @@ class LoadBudget:
         self._mean: Optional[float] = None
         self.first_load_s = first_load_s
         self._asked = 0  # loads admitted and not yet released
+        self._backlog_ends: Deque[float] = deque(maxlen=20)  # when loads ended with others asked for
 
     @property
     def loads_waiting(self) -> int:
@@ -85,15 +87,31 @@ class LoadBudget:
         first."""
         return self._mean if self._mean is not None else self.first_load_s
 
+    @property
+    def rate(self) -> Optional[float]:
+        """Loads done per second while others were waiting, over the last
+        ones (None until enough were measured): the pace a queue of loads
+        goes at, whatever slows them (the batches, other threads, clients
+        on the same cores)."""
+        ends = self._backlog_ends
+        if len(ends) < 5 or ends[-1] <= ends[0]:
+            return None
+        return (len(ends) - 1) / (ends[-1] - ends[0])
+
     def admit(self, loads: int, limit_s: float, busy: bool = True) -> None:
         """Count ``loads`` more loads as asked for, or raise
         :class:`LoadsBusy` if they would not be done within ``limit_s``: the
-        loads asked for before them and these, at :attr:`mean_load_s` each,
-        in ``share`` of the time if batches keep waiting (``busy``), back
-        to back if not. Each admit needs its :meth:`release`."""
+        loads asked for before them and these, at the measured :attr:`rate`;
+        before it is measured, at :attr:`mean_load_s` each, in ``share`` of
+        the time if batches keep waiting (``busy``), back to back if not.
+        Each admit needs its :meth:`release`."""
         with self._cond:
-            work = (self._asked + loads) * self.mean_load_s
-            wait = work / self.share if busy else work
+            rate = self.rate
+            if rate is not None:
+                wait = (self._asked + loads) / rate
+            else:
+                work = (self._asked + loads) * self.mean_load_s
+                wait = work / self.share if busy else work
             if self._asked and wait > limit_s:
                 raise LoadsBusy(self._asked, wait, limit_s)
             self._asked += loads
@@ -160,9 +178,14 @@ class LoadBudget:
             with self._cond:
                 self._loading = False
                 self._refill()
-                spent = self._clock() - start
+                end = self._clock()
+                spent = end - start
                 self._credit = max(-self.burst_s, self._credit - spent)
                 self.spent_s += spent
                 self.loads += 1
                 self._mean = spent if self._mean is None else 0.8 * self._mean + 0.2 * spent
+                if self._asked > 1:
+                    self._backlog_ends.append(end)
+                else:
+                    self._backlog_ends.clear()  # the queue ran dry: the next backlog is measured afresh
                 self._cond.notify_all()

@@ -158,10 +158,23 @@ class _PoolCollector:
         yield version
 
 
+class _BudgetCollector:
+    """The turns of cold loads (load_budget.py), read at each scrape."""
+
+    def __init__(self, budget: LoadBudget):
+        self.budget = budget
+
+    def collect(self):
+        b = self.budget
+        yield GaugeMetricFamily("ptuning_loads_waiting", "Loads for requests waiting for their turn", value=b.loads_waiting)
+        yield CounterMetricFamily("ptuning_load_turn_seconds", "Seconds of loads for requests run in their turns", value=b.spent_s)
+        yield CounterMetricFamily("ptuning_load_turns", "Loads for requests run in their turns", value=b.loads)
+
+
 class _Metrics:
     """Prometheus metrics; the batcher's observer."""
 
-    def __init__(self, pool: AdapterPool, batcher_pending) -> None:
+    def __init__(self, pool: AdapterPool, batcher_pending, load_budget: LoadBudget) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -214,6 +227,7 @@ class _Metrics:
         queue = Gauge("ptuning_queue_texts", "Texts accepted and not yet answered", registry=r)
         queue.set_function(batcher_pending)
         r.register(_PoolCollector(pool))
+        r.register(_BudgetCollector(load_budget))
 
     # the batcher's observer
     def batch(self, texts: List[Tuple[str, Any]], seconds: float, stats) -> None:
@@ -349,10 +363,10 @@ class _State:
     def __init__(self, pool: AdapterPool, config: ServeConfig):
         self.pool = pool
         self.config = config
-        self.metrics = _Metrics(pool, lambda: self.batcher.pending)
         # Loads for requests and batches take turns, the loads at most
         # config.load_share of the time while a batch waits (load_budget.py).
         self.load_budget = LoadBudget(config.load_share)
+        self.metrics = _Metrics(pool, lambda: self.batcher.pending, self.load_budget)
         self.batcher: Batcher = pipeline_batcher(config, self.metrics, self.load_budget)
         self.closing = False  # draining or stopping: /ready answers 503
         self.preloaded = threading.Event()
