@@ -220,7 +220,17 @@ async def phases(server: Server, warm_tasks, isolated_plan, burst_plan, texts, a
         marks["isolated"] = (t, time.perf_counter())
         mid = server.metrics()
         t = time.perf_counter()
-        out["burst"] = await loop.run_in_executor(pool, cold_burst, server.url, burst_plan)
+        burst = loop.run_in_executor(pool, cold_burst, server.url, burst_plan)
+        trace = []
+        while args.trace and not burst.done():
+            m = await loop.run_in_executor(None, server.metrics)
+            trace.append((round(time.perf_counter() - t, 1), {k: m.get(k) for k in (
+                "ptuning_loads_waiting", "ptuning_load_turn_seconds_total", "ptuning_load_turns_total",
+                "ptuning_adapter_loads_total", "ptuning_queue_texts", "ptuning_rejected_total", "ptuning_timeouts_total")}))
+            print("trace", trace[-1], flush=True)
+            await asyncio.sleep(1.0)
+        out["burst"] = await burst
+        out["trace"] = trace
         marks["burst"] = (t, time.perf_counter())
         after = server.metrics()
         t = time.perf_counter()
@@ -258,6 +268,7 @@ def main() -> None:
     p.add_argument("--server-args", default="")
     p.add_argument("--out-dir", type=Path, default=common.RESULTS)
     p.add_argument("--keep", action="store_true", help="keep the adapter copies")
+    p.add_argument("--trace", action="store_true", help="print the server's load metrics every second of the burst")
     p.add_argument("--before", default="", help="also run a git ref of the package (e.g. c332c9f), first, on the same adapters")
     args = p.parse_args()
 

@@ -51,7 +51,7 @@ class ServeConfig:
     drain_s: float = _opt(0.0, "On SIGTERM: seconds to keep serving with /ready answering 503 before the listening socket closes (requests in flight are finished either way)", "--drain-seconds")
     preload: Sequence[str] = _opt(tuple, "Adapters to load at start, comma-separated, or 'all'; /ready answers 200 once they are loaded")
     retry_after_s: int = _opt(1, "The smallest Retry-After of a 503")
-    load_share: float = _opt(0.25, "Share of the time that loading adapters for requests may take while batches wait (1: loads always go first); loads and batches never overlap. See docs/serving.md")
+    load_share: float = _opt(0.25, "Share of the time that loading adapters for requests may take while batches wait (1: waiting loads always go first); loads run one at a time, between batches; cold requests that could not be loaded within half of --timeout get 503 with Retry-After. See docs/serving.md")
 
     def __post_init__(self) -> None:
         if self.batching not in BATCHING:
