@@ -128,9 +128,9 @@ def test_admit_refuses_loads_that_would_not_be_done_in_time():
     assert e.value.asked == 30 and e.value.wait_s == pytest.approx(62.0)
     budget.release(30)
     budget.admit(4, limit_s=10)  # 4 s of loading in half the time: 8 s
-    budget.admit(1, limit_s=10, busy=False)  # 5 s back to back
     with pytest.raises(LoadsBusy):
-        budget.admit(1, limit_s=10)  # 12 s with batches waiting
+        budget.admit(2, limit_s=10)  # 12 s
+    budget.admit(1, limit_s=10)  # 10 s
 
 
 @pytest.mark.parametrize("share", [0, -0.5, 1.5])

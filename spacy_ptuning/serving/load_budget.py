@@ -98,20 +98,20 @@ class LoadBudget:
             return None
         return (len(ends) - 1) / (ends[-1] - ends[0])
 
-    def admit(self, loads: int, limit_s: float, busy: bool = True) -> None:
+    def admit(self, loads: int, limit_s: float) -> None:
         """Count ``loads`` more loads as asked for, or raise
         :class:`LoadsBusy` if they would not be done within ``limit_s``: the
         loads asked for before them and these, at the measured :attr:`rate`;
         before it is measured, at :attr:`mean_load_s` each, in ``share`` of
-        the time if batches keep waiting (``busy``), back to back if not.
-        Each admit needs its :meth:`release`."""
+        the time (as if batches kept waiting: whether one waits at this
+        instant says little about the next seconds). Each admit needs its
+        :meth:`release`."""
         with self._cond:
             rate = self.rate
             if rate is not None:
                 wait = (self._asked + loads) / rate
             else:
-                work = (self._asked + loads) * self.mean_load_s
-                wait = work / self.share if busy else work
+                wait = (self._asked + loads) * self.mean_load_s / self.share
             if self._asked and wait > limit_s:
                 raise LoadsBusy(self._asked, wait, limit_s)
             self._asked += loads

@@ -665,7 +665,7 @@ async def _answer(
             cold = sum(state.pool.resident(name) is None for name in names)
             if cold:  # refuse at once what could not be loaded in half the timeout (the pace of loads varies)
                 try:
-                    state.load_budget.admit(cold, 0.5 * config.timeout_s, busy=state.batcher.pending > 0)
+                    state.load_budget.admit(cold, 0.5 * config.timeout_s)
                 except LoadsBusy as e:
                     state.metrics.rejected.inc()
                     retry = max(config.retry_after_s, int(e.wait_s - e.limit_s) + 1)
