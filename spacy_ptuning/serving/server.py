@@ -43,6 +43,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -668,7 +669,10 @@ async def _answer(
                     state.load_budget.admit(cold, 0.5 * config.timeout_s)
                 except LoadsBusy as e:
                     state.metrics.rejected.inc()
-                    retry = max(config.retry_after_s, int(e.wait_s - e.limit_s) + 1)
+                    # Not sooner than half the admitted backlog takes: the
+                    # refused come back together, and 503s a second cost the
+                    # warm requests their event loop.
+                    retry = max(config.retry_after_s, math.ceil(max(e.wait_s - e.limit_s, e.limit_s / 2)))
                     raise RequestError(
                         503, f"The server is busy loading adapters: {e.asked} loads are waiting, about "
                         f"{e.wait_s:.0f} s of work (--load-share {config.load_share}, --timeout {config.timeout_s:g}). "
