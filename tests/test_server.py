@@ -384,6 +384,7 @@ def test_cold_requests_beyond_what_loads_in_time_are_refused_with_retry_after(ad
             assert r.status_code == 503, r.text
             assert "busy loading adapters" in r.json()["detail"] and "--load-share" in r.json()["detail"]
             assert int(r.headers["retry-after"]) >= 5  # at least half of the 10 s of loads it admits
+            assert client.post("/adapters/nope/process", json={"texts": ["a"]}).status_code == 404  # not a 503
             assert client.post("/adapters/ner/process", json={"texts": [TEXTS[0]]}).status_code == 200
         finally:
             pool.release.set()

@@ -25,10 +25,13 @@ warm p95 from 0.2 s to 3.1 s.
   ``share`` of the time, and warm requests keep the rest;
 - when the batcher has nothing waiting, loads run back to back;
 - :meth:`admit` counts the loads asked for and refuses those that could
-  not be done within the request timeout, so that the server answers 503
-  with a Retry-After at once instead of accepting them and answering 504.
+  not be done in time (the server asks for half of its request timeout),
+  so that the server answers 503 with a Retry-After at once instead of
+  accepting them and answering 504.
 
 Warm requests never pass through it. Neither does preloading at start.
+The HTTP server uses it; the Ray Serve replica (``ray/serve.py``) does not
+yet.
 """
 import threading
 import time

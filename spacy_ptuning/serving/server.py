@@ -18,8 +18,11 @@ How a request is answered:
    valid Unicode naming the bad text).
 3. Its adapters are resolved through the :class:`~spacy_ptuning.pool.AdapterPool`:
    on a thread of their own when all are resident, else on two loader
-   threads (a first use loads the adapter; a broken one fails
-   from the pool's negative cache without a new load): an unknown name is
+   threads, where loads take turns with the batches
+   (:class:`~spacy_ptuning.serving.load_budget.LoadBudget`; 503 with
+   ``Retry-After`` for cold adapters that could not be loaded within half
+   of ``timeout_s``). A first use loads the adapter; a broken one fails
+   from the pool's negative cache without a new load. An unknown name is
    404, a bad one 422, an adapter that cannot be loaded answers its numbered
    error (500; in a mixed ``/process`` list only its items). Each text's
    wordpieces are counted (413 above ``max_text_wordpieces``).
@@ -663,7 +666,13 @@ async def _answer(
             except (QueueFull, ShuttingDown) as e:
                 state.metrics.rejected.inc()
                 raise request_error(e)
-            cold = sum(state.pool.resident(name) is None for name in names)
+            cold_names = [name for name in names if state.pool.resident(name) is None]
+            for name in cold_names:  # an unknown or bad name is the client's mistake, not a load to wait for
+                try:
+                    state.pool.require(name)
+                except (UnknownAdapter, InvalidAdapterName) as e:
+                    raise request_error(e)
+            cold = len(cold_names)
             if cold:  # refuse at once what could not be loaded in half the timeout (the pace of loads varies)
                 try:
                     state.load_budget.admit(cold, 0.5 * config.timeout_s)
