@@ -56,7 +56,7 @@ from typing import Dict, List, Tuple
 
 from lib import common
 from lib.serving import ADAPTERS, Server, build_adapters, load_test_args, metric, percentile, tenant_texts
-from serve_tenants import perturbed_copy
+from serve_tenants import adapter_envelopes, perturbed_copy
 
 FAULTS = ("truncated", "config", "checksum")
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,17 +88,11 @@ def broken_copy(base: Path, folder: Path, fault: str, k: int) -> Tuple[str, str]
 
         # One weight changed inside the envelope, its recorded checksum kept.
         msg = srsly.msgpack_loads(model.read_bytes())
-        for node_shims in msg["shims"]:
-            for i, shim in enumerate(node_shims):
-                try:
-                    env = srsly.msgpack_loads(shim)
-                except Exception:
-                    continue
-                if isinstance(env, dict) and "weights" in env:
-                    weights = bytearray(env["weights"])
-                    weights[-1] ^= 0x5A
-                    env["weights"] = bytes(weights)
-                    node_shims[i] = srsly.msgpack_dumps(env)
+        for node_shims, i, env in adapter_envelopes(msg):
+            weights = bytearray(env["weights"])
+            weights[-1] ^= 0x5A
+            env["weights"] = bytes(weights)
+            node_shims[i] = srsly.msgpack_dumps(env)
         model.write_bytes(srsly.msgpack_dumps(msg))
     return tenant, task
 

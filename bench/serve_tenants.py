@@ -61,21 +61,29 @@ def perturbed_copy(src: Path, dst: Path, seed: int) -> None:
     for model_file in dst.glob("*/model"):
         msg = srsly.msgpack_loads(model_file.read_bytes())
         changed = False
-        for node_shims in msg["shims"]:
-            for i, shim in enumerate(node_shims):
-                try:
-                    env = srsly.msgpack_loads(shim)
-                except Exception:
-                    continue
-                if not isinstance(env, dict) or not str(env.get("format", "")).startswith("spacy-ptuning-adapter/"):
-                    continue
-                tensors = {k: v + rng.normal(0, 0.02, v.shape).astype(v.dtype) for k, v in load(env["weights"]).items()}
-                env["weights"] = save(tensors)
-                env["weights_sha256"] = weights_checksum(env["weights"])
-                node_shims[i] = srsly.msgpack_dumps(env)
-                changed = True
+        for node_shims, i, env in adapter_envelopes(msg):
+            tensors = {k: v + rng.normal(0, 0.02, v.shape).astype(v.dtype) for k, v in load(env["weights"]).items()}
+            env["weights"] = save(tensors)
+            env["weights_sha256"] = weights_checksum(env["weights"])
+            node_shims[i] = srsly.msgpack_dumps(env)
+            changed = True
         if changed:
             model_file.write_bytes(srsly.msgpack_dumps(msg))
+
+
+def adapter_envelopes(msg: dict):
+    """(the node's shims, index, envelope) of each spacy-ptuning adapter
+    envelope in a saved thinc model's msgpack (``msg["shims"]``)."""
+    import srsly
+
+    for node_shims in msg["shims"]:
+        for i, shim in enumerate(node_shims):
+            try:
+                env = srsly.msgpack_loads(shim)
+            except Exception:
+                continue
+            if isinstance(env, dict) and str(env.get("format", "")).startswith("spacy-ptuning-adapter/"):
+                yield node_shims, i, env
 
 
 def make_tenants(base: Path, out: Path, n: int) -> Dict[str, str]:

@@ -34,38 +34,9 @@ def _thread(fn):
     return t
 
 
-def test_a_waiting_load_runs_between_two_batches_never_during_one():
-    budget = LoadBudget(0.5, burst_s=BOUND)  # plenty of credit; the batch's wait bound far away
-    log, release = [], threading.Event()
-
-    def first_batch():
-        log.append("batch 1 starts")
-        assert release.wait(BOUND)
-        log.append("batch 1 ends")
-
-    def batcher():  # one thread, batch after batch, as the server's batcher
-        budget.batch(first_batch)
-        budget.batch(log.append, "batch 2 starts")
-
-    t1 = _thread(batcher)
-    _until(lambda: log == ["batch 1 starts"], "the first batch")
-    t2 = _thread(lambda: budget.run(log.append, "load runs"))
-    _until(lambda: budget.loads_waiting == 1, "the load to wait")
-    assert log == ["batch 1 starts"]  # not during the batch
-    release.set()
-    t1.join(BOUND), t2.join(BOUND)
-    assert log == ["batch 1 starts", "batch 1 ends", "load runs", "batch 2 starts"]
-    assert budget.loads == 1
-
-
-def test_without_credit_the_next_batch_goes_before_the_waiting_load():
-    clock = FakeClock()
-    budget = LoadBudget(0.5, burst_s=1.0, clock=clock)
-
-    def long_load():
-        clock.now += 3.0  # 3 s of loading: 1 s of credit + 1.5 earned - 3 = -0.5
-
-    budget.run(long_load)
+def _batch_then_a_load_then_a_batch(budget):
+    """One thread runs two batches back to back, as the server's batcher;
+    a load is asked for during the first. The order in which they ran."""
     log, release = [], threading.Event()
 
     def first_batch():
@@ -81,10 +52,28 @@ def test_without_credit_the_next_batch_goes_before_the_waiting_load():
     _until(lambda: log == ["batch 1 starts"], "the first batch")
     t2 = _thread(lambda: budget.run(log.append, "load runs"))
     _until(lambda: budget.loads_waiting == 1, "the load to wait")
+    assert log == ["batch 1 starts"]  # not during the batch
     release.set()
     t1.join(BOUND), t2.join(BOUND)
-    # In debt, the load gave its turn to the batch; with no batch waiting, it ran.
-    assert log == ["batch 1 starts", "batch 1 ends", "batch 2 starts", "load runs"]
+    return log
+
+
+def test_a_waiting_load_runs_between_two_batches_never_during_one():
+    budget = LoadBudget(0.5, burst_s=BOUND)  # plenty of credit; the batch's wait bound far away
+    assert _batch_then_a_load_then_a_batch(budget) == ["batch 1 starts", "batch 1 ends", "load runs", "batch 2 starts"]
+    assert budget.loads == 1
+
+
+def test_without_credit_the_next_batch_goes_before_the_waiting_load():
+    clock = FakeClock()
+    budget = LoadBudget(0.5, burst_s=1.0, clock=clock)
+
+    def long_load():
+        clock.now += 3.0  # 3 s of loading: 1 s of credit + 1.5 earned - 3 = -0.5
+
+    budget.run(long_load)
+    # In debt, the load gives its turn to the batch; with no batch waiting, it runs.
+    assert _batch_then_a_load_then_a_batch(budget) == ["batch 1 starts", "batch 1 ends", "batch 2 starts", "load runs"]
 
 
 def test_loads_run_back_to_back_when_no_batch_waits_and_the_debt_is_bounded():
