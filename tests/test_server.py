@@ -364,6 +364,30 @@ def test_cold_loads_never_delay_requests_for_resident_adapters(adapters_dir, exp
         assert sorted(r.status_code for r in cold) == [200, 200]
 
 
+def test_a_due_folder_check_of_a_loaded_adapter_does_not_wait_for_the_load_turn(adapters_dir, expected):
+    # check_interval=0: every use of "ner" checks its folder (a stat), so it
+    # is never "resident"; but it is loaded, and a check is not a load: it
+    # must not queue behind the cold load that holds the turn.
+    pool = _GatedPool(adapters_dir, max_loaded=8, check_interval=0, gated=("sentiment",))
+    app = _app(pool, preload=["ner"])
+    budget = app.state.ptuning.load_budget
+    with running(app) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
+        _wait_ready(client)
+        cold = []
+        thread = _post_in_thread(url, "/adapters/sentiment/process", {"texts": [TEXTS[0]]}, cold, timeout=120)
+        try:
+            assert pool.entered["sentiment"].wait(60), "sentiment never started loading"
+            for _ in range(2):
+                r = client.post("/adapters/ner/process", json={"texts": [TEXTS[0]]})
+                assert r.status_code == 200
+                _assert_doc(r.json()["docs"][0], expected["ner"][TEXTS[0]])
+            assert budget.loads == 0 and pool.states()["sentiment"][0] == "LOADING"
+        finally:
+            pool.release.set()
+        thread.join(120)
+        assert [r.status_code for r in cold] == [200]
+
+
 def test_cold_requests_beyond_what_loads_in_time_are_refused_with_retry_after(adapters_dir, expected):
     # One cold load hangs. Loads of ~10 s each (as measured) in half the
     # time, against a 20 s timeout: the next cold request could not be

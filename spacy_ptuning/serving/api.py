@@ -201,10 +201,10 @@ def pipeline_batcher(config, observer=None, turns=None):
     from .mixed_batch import MixedStats, run_items
 
     def runner(items, stats):
-        if turns is not None:
-            return turns.batch(run_items, items, batching=config.batching,
-                               max_batch_tokens=config.max_batch_tokens, stats=stats)
-        return run_items(items, batching=config.batching, max_batch_tokens=config.max_batch_tokens, stats=stats)
+        def run():
+            return run_items(items, batching=config.batching, max_batch_tokens=config.max_batch_tokens, stats=stats)
+
+        return run() if turns is None else turns.batch(run)
 
     return Batcher(config, observer, runner=runner, render=doc_json, describe=public_message,
                    stats_factory=MixedStats)

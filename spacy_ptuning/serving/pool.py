@@ -294,6 +294,16 @@ class AdapterPool:
             entry = self._entries.get(name)
         return self._resident(entry) if entry is not None else None
 
+    def is_loaded(self, name: str) -> bool:
+        """Whether a version of ``name`` is loaded, even if a check of its
+        folder is due: using it costs at most that check, not a load. No
+        disk access; a bad or unknown name is False."""
+        if not isinstance(name, str) or not NAME.match(name):
+            return False
+        with self._lock:
+            entry = self._entries.get(name)
+        return entry is not None and entry.nlp is not None
+
     def _resident(self, entry: _Entry) -> Optional[Language]:
         nlp = entry.nlp
         if nlp is None or self._check_due(entry):

@@ -666,7 +666,10 @@ async def _answer(
             except (QueueFull, ShuttingDown) as e:
                 state.metrics.rejected.inc()
                 raise request_error(e)
-            cold_names = [name for name in names if state.pool.resident(name) is None]
+            # Not resident: not loaded (a load, in its turn), or loaded with a
+            # check of its folder due (a stat; a changed folder is reloaded).
+            not_resident = [name for name in names if state.pool.resident(name) is None]
+            cold_names = [name for name in not_resident if not state.pool.is_loaded(name)]
             for name in cold_names:  # an unknown or bad name is the client's mistake, not a load to wait for
                 try:
                     state.pool.require(name)
@@ -688,8 +691,11 @@ async def _answer(
                         f"Retry after {retry} s.", headers={"Retry-After": str(retry)})
             try:
                 field = "items" if mixed else "texts"
-                resolving = (loop.run_in_executor(state.loader, state.load_budget.run, state.resolve, names, items, field)
-                             if cold else loop.run_in_executor(state.warm, state.resolve, names, items, field))
+                if cold:
+                    resolving = loop.run_in_executor(state.loader, state.load_budget.run, state.resolve, names, items, field)
+                else:
+                    resolving = loop.run_in_executor(state.loader if not_resident else state.warm,
+                                                     state.resolve, names, items, field)
                 resolved, costs = await asyncio.wait_for(resolving, timeout=config.timeout_s)
             except asyncio.TimeoutError:
                 state.metrics.timeouts.inc()
