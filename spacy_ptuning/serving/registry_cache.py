@@ -9,9 +9,10 @@ each of those calls filters every entry point of every installed
 distribution (``SelectableGroups.select`` flattens and matches all of
 them), and each ``get_all`` also walks the whole ``catalogue.REGISTRY``.
 That was over half of an adapter's load time once the backbone is shared
-(median 63-88 ms -> 27-31 ms a load, ``bench/serve_cold.py``), and all of
-it Python holding the GIL, which is what makes a burst of cold loads slow
-down the warm requests served beside it.
+(``AdapterPool.get`` on 39 perturbed copies in one process: a median of
+63-88 ms a load before, 27-31 ms after), and all of it Python holding the
+GIL, which is what makes cold loads slow down the warm requests served
+beside them (``load_budget.py``, ``bench/serve_cold.py``).
 
 :func:`install`, once per process (the adapter pool calls it), changes two
 things and nothing they return:
