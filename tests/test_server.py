@@ -1,5 +1,6 @@
 """The HTTP server: a real uvicorn on a free local port, a real HTTP client,
 adapters saved to disk and served through the real AdapterPool."""
+import contextlib
 import json
 import os
 import signal
@@ -364,6 +365,34 @@ def test_cold_loads_never_delay_requests_for_resident_adapters(adapters_dir, exp
         assert sorted(r.status_code for r in cold) == [200, 200]
 
 
+@contextlib.contextmanager
+def _sentiment_load_held(pool, app):
+    """A running server whose first request, for the cold "sentiment",
+    hangs in its load, holding the load turn. Yields the client and a
+    ``release()`` that lets the load finish and checks that the request was
+    then answered (called at the end of the block if the test did not)."""
+    with running(app) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
+        _wait_ready(client)
+        cold = []
+        thread = _post_in_thread(url, "/adapters/sentiment/process", {"texts": [TEXTS[0]]}, cold, timeout=120)
+
+        def release():
+            if pool.release.is_set():
+                return
+            pool.release.set()
+            thread.join(120)
+            assert [r.status_code for r in cold] == [200]
+
+        try:
+            assert pool.entered["sentiment"].wait(60), "sentiment never started loading"
+            yield client, release
+        except BaseException:
+            pool.release.set()
+            thread.join(120)
+            raise
+        release()
+
+
 def test_a_due_folder_check_of_a_loaded_adapter_does_not_wait_for_the_load_turn(adapters_dir, expected):
     # check_interval=0: every use of "ner" checks its folder (a stat), so it
     # is never "resident"; but it is loaded, and a check is not a load: it
@@ -371,21 +400,12 @@ def test_a_due_folder_check_of_a_loaded_adapter_does_not_wait_for_the_load_turn(
     pool = _GatedPool(adapters_dir, max_loaded=8, check_interval=0, gated=("sentiment",))
     app = _app(pool, preload=["ner"])
     budget = app.state.ptuning.load_budget
-    with running(app) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
-        _wait_ready(client)
-        cold = []
-        thread = _post_in_thread(url, "/adapters/sentiment/process", {"texts": [TEXTS[0]]}, cold, timeout=120)
-        try:
-            assert pool.entered["sentiment"].wait(60), "sentiment never started loading"
-            for _ in range(2):
-                r = client.post("/adapters/ner/process", json={"texts": [TEXTS[0]]})
-                assert r.status_code == 200
-                _assert_doc(r.json()["docs"][0], expected["ner"][TEXTS[0]])
-            assert budget.loads == 0 and pool.states()["sentiment"][0] == "LOADING"
-        finally:
-            pool.release.set()
-        thread.join(120)
-        assert [r.status_code for r in cold] == [200]
+    with _sentiment_load_held(pool, app) as (client, _):
+        for _ in range(2):
+            r = client.post("/adapters/ner/process", json={"texts": [TEXTS[0]]})
+            assert r.status_code == 200
+            _assert_doc(r.json()["docs"][0], expected["ner"][TEXTS[0]])
+        assert budget.loads == 0 and pool.states()["sentiment"][0] == "LOADING"
 
 
 def test_cold_requests_beyond_what_loads_in_time_are_refused_with_retry_after(adapters_dir, expected):
@@ -398,22 +418,14 @@ def test_cold_requests_beyond_what_loads_in_time_are_refused_with_retry_after(ad
     app = _app(pool, preload=["ner"], timeout_s=20.0, load_share=0.5)
     budget = app.state.ptuning.load_budget
     budget._mean = 10.0  # the recent load time
-    with running(app) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
-        _wait_ready(client)
-        cold = []
-        thread = _post_in_thread(url, "/adapters/sentiment/process", {"texts": [TEXTS[0]]}, cold, timeout=120)
-        try:
-            assert pool.entered["sentiment"].wait(60), "sentiment never started loading"
-            r = client.post("/adapters/topics/process", json={"texts": [TEXTS[0]]})
-            assert r.status_code == 503, r.text
-            assert "busy loading adapters" in r.json()["detail"] and "--load-share" in r.json()["detail"]
-            assert int(r.headers["retry-after"]) >= 5  # at least half of the 10 s of loads it admits
-            assert client.post("/adapters/nope/process", json={"texts": ["a"]}).status_code == 404  # not a 503
-            assert client.post("/adapters/ner/process", json={"texts": [TEXTS[0]]}).status_code == 200
-        finally:
-            pool.release.set()
-        thread.join(120)
-        assert [r.status_code for r in cold] == [200]
+    with _sentiment_load_held(pool, app) as (client, release):
+        r = client.post("/adapters/topics/process", json={"texts": [TEXTS[0]]})
+        assert r.status_code == 503, r.text
+        assert "busy loading adapters" in r.json()["detail"] and "--load-share" in r.json()["detail"]
+        assert int(r.headers["retry-after"]) >= 5  # at least half of the 10 s of loads it admits
+        assert client.post("/adapters/nope/process", json={"texts": ["a"]}).status_code == 404  # not a 503
+        assert client.post("/adapters/ner/process", json={"texts": [TEXTS[0]]}).status_code == 200
+        release()
         budget._mean = 0.01
         r = client.post("/adapters/topics/process", json={"texts": [TEXTS[0]]})
         assert r.status_code == 200

@@ -80,11 +80,6 @@ class LoadBudget:
         return self._loads_waiting
 
     @property
-    def batch_waiting(self) -> bool:
-        """Whether a batch is waiting for its turn now."""
-        return self._batch_waiting
-
-    @property
     def mean_load_s(self) -> float:
         """Seconds of a recent load: an average, ``first_load_s`` before the
         first."""
