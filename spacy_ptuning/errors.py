@@ -226,6 +226,10 @@ class Errors(metaclass=ErrorsWithCodes):
         "version to a temporary folder next to it and rename it into place (an "
         "atomic replace), rather than rewriting files in the served folder."
     )
+    E053 = (
+        "TextCatAttention: {option} = {value} cannot be used; it must be {rule}. "
+        "Set it in the [components.<textcat>.model] block."
+    )
 
 
 def errors_table() -> str:

@@ -65,7 +65,11 @@ SYSTEMS = ("st", "prefix", "prompt_encoder", "prompt", "peft", "peft_ptuning", "
 # prefix_projection, our backbone dtype).
 VARIANT_KEYS = {"n": "num_virtual_tokens", "lr": "lr", "proj": "prefix_projection", "dtype": "dtype",
                 # PTuningTransformer.v2: mix of the last K hidden states; word features of width W
-                "mix": "layer_mix", "words": "word_features"}
+                "mix": "layer_mix", "words": "word_features",
+                # text classifier head: mean (TextCatReduce.v1, the default), meanmax (its mean
+                # and max), attn (TextCatAttention.v1), attnH (the same, hidden layer of H)
+                "head": "textcat_head"}
+HEADS = ("mean", "meanmax", "attn")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 OURS = ("prefix", "prompt_encoder", "prompt")
 
@@ -82,11 +86,13 @@ def parse_system(name: str) -> Tuple[str, Dict[str, Union[float, str]]]:
         if key not in VARIANT_KEYS or not value:
             raise ValueError(f"{name!r}: settings are KEY=VALUE with KEY one of {', '.join(VARIANT_KEYS)}")
         if (base == "st" and key != "lr") or (key == "proj" and base != "prefix") or \
-                (key in ("dtype", "mix", "words") and base not in OURS):
+                (key in ("dtype", "mix", "words", "head") and base not in OURS):
             raise ValueError(f"{name!r}: {key} does not apply to {base}")
         if key == "dtype" and value not in DTYPES:
             raise ValueError(f"{name!r}: dtype is one of {', '.join(DTYPES)}")
-        settings[VARIANT_KEYS[key]] = value if key == "dtype" else float(value) if key == "lr" else int(value)
+        if key == "head" and not (value in HEADS or (value.startswith("attn") and value[4:].isdigit())):
+            raise ValueError(f"{name!r}: head is one of {', '.join(HEADS)} or attnH (H: hidden width)")
+        settings[VARIANT_KEYS[key]] = value if key in ("dtype", "head") else float(value) if key == "lr" else int(value)
     return base, settings
 
 
@@ -259,15 +265,33 @@ def v2_overrides(tok2vec: str, settings: dict) -> dict:
     return out
 
 
-def load_pipeline(config_path: Path, overrides: dict, seed: int):
-    """A blank pipeline from a training config with ``overrides``; returns the
-    nlp, the interpolated config and the resolved [training] block."""
+def set_textcat_head(model: dict, head: str) -> None:
+    """Replace the head of a text classifier's [model] block (a config dict)
+    by ``head`` (see VARIANT_KEYS), keeping its tok2vec and classes."""
+    keep = {k: model[k] for k in ("tok2vec", "exclusive_classes", "nO")}
+    model.clear()
+    if head in ("mean", "meanmax"):
+        model.update({"@architectures": "spacy.TextCatReduce.v1", "use_reduce_first": False,
+                      "use_reduce_last": False, "use_reduce_max": head == "meanmax", "use_reduce_mean": True})
+    else:
+        model.update({"@architectures": "spacy_ptuning.TextCatAttention.v1", "hidden_width": int(head[4:] or 0)})
+    model.update(keep)
+
+
+def load_pipeline(config_path: Path, overrides: dict, seed: int, textcat_head: Optional[str] = None):
+    """A blank pipeline from a training config with ``overrides`` (and the
+    text classifier's head replaced, if ``textcat_head``); returns the nlp,
+    the interpolated config and the resolved [training] block."""
     import spacy  # noqa: F401  (registers everything)
     import spacy_ptuning  # noqa: F401  (registers the factories/architectures)
     from spacy import util
     from spacy.schemas import ConfigSchemaTraining
 
     config = util.load_config(config_path, overrides=overrides, interpolate=False)
+    if textcat_head is not None:
+        if "textcat" not in config["components"]:
+            sys.exit(f"error: head={textcat_head} is a text classifier's head; {config_path} has no textcat")
+        set_textcat_head(config["components"]["textcat"]["model"], textcat_head)
     util.fix_random_seed(seed)
     nlp = util.load_model_from_config(config, auto_fill=True, validate=True)
     config = nlp.config.interpolate()

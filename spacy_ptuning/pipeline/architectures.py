@@ -20,6 +20,7 @@ from ..model.backbone import DEFAULT_BACKBONE, load_backbone
 from ..model.adapter import Adapter
 from ..errors import ConfigError, Errors
 from .precomputed import precomputed
+from . import textcat_attention as _textcat_attention  # noqa: F401  (registers TextCatAttention.v1)
 from . import word_features as _word_features  # noqa: F401  (registers WordFeatures.v1)
 from .transformer_model import ptuning_transformer_model
 
