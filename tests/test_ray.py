@@ -418,3 +418,94 @@ def test_without_ray_the_import_says_how_to_install():
     assert lines[0].startswith("[PT-E036] spacy_ptuning.ray.serve needs Ray")
     assert lines[1].startswith("[PT-E036] spacy_ptuning.ray.data needs Ray")
     assert all('pip install "spacy-ptuning[ray]"' in line for line in lines)
+
+
+def test_a_replica_takes_load_turns_and_refuses_what_it_could_not_load_in_time(adapters_dir, expected, monkeypatch):
+    """The replica's loads go through our LoadBudget, as in our server: one
+    cold load hangs (its turn held); loads of ~10 s each in half the time,
+    against a 20 s timeout, so the next new adapter is refused at once with
+    503 and a Retry-After (which the router passes on), an unknown one is
+    still 404, and once the load is done both are served. Ray's replica
+    context and multiplexing are stood in for: this is the replica's own
+    logic, called directly."""
+    import asyncio
+
+    from spacy_ptuning.ray import serve as ray_serve
+
+    current = {}
+    monkeypatch.setattr(ray_serve.ray, "get_gpu_ids", lambda: [])
+    monkeypatch.setattr(ray_serve.serve, "get_replica_context", lambda: None)
+    monkeypatch.setattr(ray_serve.serve, "get_multiplexed_model_id", lambda: current["name"])
+    replica = ray_serve.PTuningDeployment.func_or_class(
+        str(adapters_dir), max_models=4, config={"timeout_s": 20.0, "load_share": 0.5, "max_wait_ms": 1}, check_interval=None)
+    replica.get_adapter = replica._load  # Ray's bookkeeping of multiplexed ids needs a running replica
+    entered, release = threading.Event(), threading.Event()
+    get = replica.pool.get
+
+    def gated_get(name):
+        if name == "sentiment":
+            entered.set()
+            assert release.wait(120)
+        return get(name)
+
+    replica.pool.get = gated_get
+    budget = replica.load_budget
+
+    async def scenario():
+        def process(name, texts):
+            current["name"] = name  # read by process() before its first await
+            return asyncio.ensure_future(replica.process(texts))
+
+        held = process("sentiment", [TEXTS[0]])
+        await asyncio.sleep(0)
+        assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, 60)
+        budget._mean = 10.0  # the recent load time
+        busy = await process("topics", [TEXTS[0]])
+        unknown = await process("nope", ["a"])
+        release.set()
+        first = await held
+        budget._mean = 0.01
+        later = await process("topics", [TEXTS[0]])
+        loads = budget.loads
+        again = await process("topics", [TEXTS[1]])  # loaded: no load turn
+        return busy, unknown, first, later, again, loads
+
+    try:
+        busy, unknown, first, later, again, loads = asyncio.run(scenario())
+    finally:
+        release.set()
+        replica.batcher.close(5)
+    assert busy["status"] == 503 and "busy loading adapters" in busy["detail"], busy
+    assert int(busy["headers"]["Retry-After"]) >= 5  # at least half of the 10 s of loads it admits
+    assert unknown["status"] == 404
+    assert "status" not in first and "status" not in later, (first, later)
+    _assert_doc(first["results"][0], expected["sentiment"][TEXTS[0]])
+    _assert_doc(later["results"][0], expected["topics"][TEXTS[0]])
+    _assert_doc(again["results"][0], expected["topics"][TEXTS[1]])
+    assert loads == 2 and budget.loads == 2  # sentiment and topics, each once, in their turns
+
+
+def test_the_router_passes_on_a_replicas_503_and_retry_after(adapters_dir):
+    import asyncio
+
+    from fastapi import HTTPException
+
+    from spacy_ptuning.ray import serve as ray_serve
+
+    class Replicas:  # a DeploymentHandle whose replica is busy loading
+        def options(self, **_):
+            return self
+
+        @property
+        def process(self):
+            return self
+
+        async def remote(self, texts):
+            return {"replica": "r1", "status": 503, "detail": "busy loading adapters", "headers": {"Retry-After": "7"}}
+
+    router = object.__new__(ray_serve.PTuningRouter.func_or_class)
+    ray_serve.PTuningRouter.func_or_class.__init__(router, Replicas(), str(adapters_dir), {})
+    with pytest.raises(HTTPException) as e:
+        asyncio.run(router.process_adapter("ner", ray_serve.TextsIn(texts=["a"])))
+    assert e.value.status_code == 503 and e.value.detail == "busy loading adapters"
+    assert e.value.headers["Retry-After"] == "7" and e.value.headers["x-ptuning-replica"] == "r1"

@@ -71,7 +71,10 @@ except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(Errors.E036.format(what="spacy_ptuning.ray.serve", error=e)) from e
 
 from ..serving.pool import AdapterPool, InvalidAdapterName, UnknownAdapter
-from ..serving.api import ItemsIn, RequestError, TextsIn, pipeline_batcher, public_message as describe_error, wordpiece_costs
+from ..serving.api import (
+    ItemsIn, RequestError, TextsIn, loads_busy_error, pipeline_batcher, public_message as describe_error, wordpiece_costs,
+)
+from ..serving.load_budget import LoadBudget, LoadsBusy
 from ..serving.batcher import Job, QueueFull, ShuttingDown
 from ..serving.server import ServeConfig, check_size, install_error_handlers, public_info
 
@@ -112,7 +115,10 @@ class PTuningDeployment:
         keeps one more, so that the two LRUs never fight over a load).
     config: :class:`~spacy_ptuning.server.ServeConfig` fields for the
         batcher (batching, max_wait_ms, max_batch_texts, max_batch_tokens,
-        max_queue, timeout_s).
+        max_queue, timeout_s) and for loads (load_share, retry_after_s:
+        loads of new adapters take turns with batches, as in our server;
+        one that could not be done within half of timeout_s answers 503
+        with Retry-After).
     """
 
     def __init__(
@@ -128,7 +134,11 @@ class PTuningDeployment:
             spacy.require_gpu(0)
         self.config = ServeConfig(**dict(config or {}))
         self.pool = AdapterPool(adapters_dir, max_loaded=max_models + 1, check_interval=check_interval, compact=True)
-        self.batcher = pipeline_batcher(self.config)
+        # Loads take turns with batches, as in our server (load_budget.py): a
+        # load beside a batch slows both, and a burst of new adapters would
+        # otherwise stall the adapters this replica already serves.
+        self.load_budget = LoadBudget(self.config.load_share)
+        self.batcher = pipeline_batcher(self.config, turns=self.load_budget)
         self.batcher.start()
         # Loads on two threads of their own (as server.py: fewer malloc arenas).
         self.loader = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="spacy-ptuning-loader")
@@ -147,8 +157,19 @@ class PTuningDeployment:
         return await self._load(name)
 
     async def _load(self, name: str):
+        """The adapter's pipeline. Loading it (not loaded yet) takes its turn
+        with the batches; a loaded adapter (whose folder check may be due: a
+        stat) does not. Raises LoadsBusy when the load could not be done
+        within half of ``timeout_s``, UnknownAdapter before any wait."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.loader, self.pool.get, name)
+        if self.pool.is_loaded(name):
+            return await loop.run_in_executor(self.loader, self.pool.get, name)
+        self.pool.require(name)  # an unknown name is not a load to wait for
+        self.load_budget.admit(1, 0.5 * self.config.timeout_s)
+        try:
+            return await loop.run_in_executor(self.loader, self.load_budget.run, self.pool.get, name)
+        finally:
+            self.load_budget.release(1)
 
     async def process(self, texts: List[str]) -> Dict[str, Any]:
         """The adapter named by the request's multiplexed model id on
@@ -169,6 +190,9 @@ class PTuningDeployment:
             return {**out, "status": 404, "detail": str(e)}
         except InvalidAdapterName as e:
             return {**out, "status": 422, "detail": str(e)}
+        except LoadsBusy as e:  # 503 with Retry-After, as our server answers it
+            busy = loads_busy_error(self.config, e)
+            return {**out, "status": busy.status, "detail": busy.detail, "headers": busy.headers}
         except Exception as e:  # AdapterLoadFailed: this adapter only
             return {**out, "status": 500, "detail": describe_error(e)}
         try:
@@ -298,7 +322,7 @@ class PTuningRouter:
             headers[LOADED_HEADER] = ",".join(answer["loaded"])
             headers[LOADS_HEADER] = str(answer["loads"])
         if "status" in answer:
-            raise HTTPException(answer["status"], answer["detail"], headers=headers)
+            raise HTTPException(answer["status"], answer["detail"], headers={**headers, **answer.get("headers", {})})
         errors = [r for r in answer["results"] if isinstance(r, str)]
         if errors:
             raise HTTPException(500, f"Adapter '{name}' failed: {errors[0]}", headers=headers)
@@ -355,7 +379,7 @@ class PTuningRouter:
 # types convert the strings of `serve run ... key=value`); the HTTP-only ones
 # (connections, tokens, hosts, drain) belong to Serve's proxy, not to ours.
 _CONFIG = ("batching", "max_wait_ms", "max_batch_texts", "max_batch_tokens", "max_queue", "max_queue_wait_s",
-           "timeout_s", "max_items", "max_request_adapters", "max_chars", "max_text_wordpieces")
+           "timeout_s", "load_share", "retry_after_s", "max_items", "max_request_adapters", "max_chars", "max_text_wordpieces")
 _INT = ("num_replicas", "router_replicas", "max_models", "max_ongoing_requests", "retries",
         *(f.name for f in dataclasses.fields(ServeConfig) if f.name in _CONFIG and f.type in (int, "int")))
 _FLOAT = ("num_cpus", "num_gpus", "check_interval",
@@ -376,8 +400,8 @@ def build_app(args: Mapping[str, Any]) -> "serve.Application":
     retries (3: tries when a replica dies mid-request), check_interval (1.0 s;
     negative: never reload a changed adapter folder), and the batcher's
     batching, max_wait_ms, max_batch_texts, max_batch_tokens, max_queue,
-    max_queue_wait_s, timeout_s, max_items, max_chars, max_text_wordpieces
-    (as ``ServeConfig``).
+    max_queue_wait_s, timeout_s, load_share, retry_after_s, max_items,
+    max_chars, max_text_wordpieces (as ``ServeConfig``).
     """
     opts: Dict[str, Any] = dict(args)  # one parameter: Serve's rule for application builders
     if "adapters_dir" not in opts:

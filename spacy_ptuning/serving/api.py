@@ -5,6 +5,7 @@ texts, the status and public message of each failure, the result JSON.
 No web framework here: each check raises :class:`RequestError` (status,
 detail, headers), which a front end turns into its HTTP answer.
 """
+import math
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -12,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from pydantic import BaseModel
 
 from .batcher import QueueFull, ShuttingDown, estimate_wordpieces
+from .load_budget import LoadsBusy
 from .pool import InvalidAdapterName, UnknownAdapter
 
 
@@ -189,6 +191,19 @@ def request_error(e: BaseException) -> RequestError:
         headers["Retry-After"] = "1"
     detail = str(e) if isinstance(e, (QueueFull, ShuttingDown)) else public_message(e)
     return RequestError(status_of(e), detail, headers)
+
+
+def loads_busy_error(config, e: "LoadsBusy") -> RequestError:
+    """The 503 of cold adapters that could not be loaded in time
+    (:class:`~spacy_ptuning.serving.load_budget.LoadsBusy`), with a
+    Retry-After not sooner than half the admitted backlog takes: the refused
+    come back together, and 503s a second cost the warm requests their
+    event loop."""
+    retry = max(config.retry_after_s, math.ceil(max(e.wait_s - e.limit_s, e.limit_s / 2)))
+    return RequestError(
+        503, f"The server is busy loading adapters: {e.asked} loads are waiting, about "
+        f"{e.wait_s:.0f} s of work (--load-share {config.load_share}, --timeout {config.timeout_s:g}). "
+        f"Retry after {retry} s.", headers={"Retry-After": str(retry)})
 
 
 def pipeline_batcher(config, observer=None, turns=None):

@@ -30,8 +30,7 @@ warm p95 from 0.2 s to 3.1 s.
   accepting them and answering 504.
 
 Warm requests never pass through it. Neither does preloading at start.
-The HTTP server uses it; the Ray Serve replica (``ray/serve.py``) does not
-yet.
+The HTTP server and the Ray Serve replica (``ray/serve.py``) use it.
 """
 import threading
 import time

@@ -46,7 +46,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import math
 import re
 import threading
 import time
@@ -74,8 +73,8 @@ except ImportError as e:  # pragma: no cover - depends on the install
 from spacy.language import Language
 
 from .api import (
-    AdapterPathIn, ItemsIn, RequestError, TextsIn, check_adapters, check_texts, doc_json, pipeline_batcher,
-    public_message, request_error, scrub, wordpiece_costs,
+    AdapterPathIn, ItemsIn, RequestError, TextsIn, check_adapters, check_texts, doc_json, loads_busy_error,
+    pipeline_batcher, public_message, request_error, scrub, wordpiece_costs,
 )
 from .batcher import Batcher, Job, QueueFull, ShuttingDown, estimate_wordpieces
 from ..errors import Errors
@@ -681,14 +680,7 @@ async def _answer(
                     state.load_budget.admit(cold, 0.5 * config.timeout_s)
                 except LoadsBusy as e:
                     state.metrics.rejected.inc()
-                    # Not sooner than half the admitted backlog takes: the
-                    # refused come back together, and 503s a second cost the
-                    # warm requests their event loop.
-                    retry = max(config.retry_after_s, math.ceil(max(e.wait_s - e.limit_s, e.limit_s / 2)))
-                    raise RequestError(
-                        503, f"The server is busy loading adapters: {e.asked} loads are waiting, about "
-                        f"{e.wait_s:.0f} s of work (--load-share {config.load_share}, --timeout {config.timeout_s:g}). "
-                        f"Retry after {retry} s.", headers={"Retry-After": str(retry)})
+                    raise loads_busy_error(config, e)
             try:
                 field = "items" if mixed else "texts"
                 if cold:
