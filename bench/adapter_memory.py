@@ -13,9 +13,18 @@ copies. The goal of the thousands-of-adapters issue: RSS per adapter <= its
 own bytes + 0.5 MB.
 
     python bench/adapter_memory.py [--copies 20]
+
+``--scale 500,1000,3000``: where the memory of many resident adapters goes.
+One process loads that many perturbed copies of the ten kinds (round-robin,
+compacted, as the server holds them) and, at each count, splits RSS into
+malloc's in-use bytes (``mallinfo2``: heap in use + its mmapped blocks),
+malloc's free-but-kept bytes (fragmentation), and the rest (torch/numpy
+mappings, code), beside the adapters' own bytes and the number of objects
+Python's cycle collector tracks.
 """
 import argparse
 import concurrent.futures
+import ctypes
 import gc
 import multiprocessing
 import os
@@ -51,12 +60,81 @@ def measure(folder: Path, compact: bool, copies: int) -> list:
     return rows
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def malloc_mb() -> dict:
+    """glibc's mallinfo2: bytes in use (heap + mmapped blocks) and free in the heap, MB."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _Mallinfo2
+    info = libc.mallinfo2()
+    return {"malloc_used_mb": (info.uordblks + info.hblkhd) / 2**20, "malloc_free_mb": info.fordblks / 2**20}
+
+
+def scale(folder: Path, counts: list) -> list:
+    """At each count of resident adapters: RSS and where it goes."""
+    from spacy_ptuning.serving.pool import AdapterPool, resident_bytes
+
+    pool = AdapterPool(folder, max_loaded=10**6, check_interval=None, compact=True)
+    kinds = [kind for kind, *_ in ADAPTERS]
+    for kind in kinds:  # first of each kind: shared tokenizer and caches
+        pool.get(f"{kind}-0")
+    gc.collect()
+    base = {"rss_mb": rss_mb(), **malloc_mb(), "objects": len(gc.get_objects())}
+    rows, own, loaded = [], 0, 0
+    for count in counts:
+        while loaded < count:
+            kind, k = kinds[loaded % len(kinds)], 1 + loaded // len(kinds)
+            own += resident_bytes(pool.get(f"{kind}-{k}"))
+            loaded += 1
+        gc.collect()
+        now = {"rss_mb": rss_mb(), **malloc_mb(), "objects": len(gc.get_objects())}
+        row = {"adapters": count, "own_mb": own / 2**20 / count}
+        for key in ("rss_mb", "malloc_used_mb", "malloc_free_mb"):
+            row[key.replace("_mb", "_per_adapter_mb")] = (now[key] - base[key]) / count
+        row["objects_per_adapter"] = (now["objects"] - base["objects"]) / count
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def main_scale(args) -> None:
+    counts = sorted(int(c) for c in args.scale.split(","))
+    base = build_adapters(args.out_dir / "serve_adapters", args.data_dir, False)["ptuning"]
+    tmp = Path(tempfile.mkdtemp(prefix="adapter-memory-"))
+    load_start = os.getloadavg()
+    try:
+        per_kind = -(-counts[-1] // len(ADAPTERS))
+        for kind, *_ in ADAPTERS:
+            for k in range(per_kind + 1):
+                perturbed_copy(base / kind, tmp / f"{kind}-{k}", seed=k)
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+            rows = ex.submit(scale, tmp, counts).result()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    lines = ["| resident adapters | own MB / adapter | RSS MB / adapter | malloc in use | malloc free (kept) | "
+             "RSS - own | objects / adapter |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['adapters']:,} | {r['own_mb']:.2f} | {r['rss_per_adapter_mb']:.2f} | {r['malloc_used_per_adapter_mb']:.2f} | "
+                     f"{r['malloc_free_per_adapter_mb']:.2f} | {r['rss_per_adapter_mb'] - r['own_mb']:+.2f} | {r['objects_per_adapter']:,.0f} |")
+    footer = (f"\n\nMachine: {common.machine_info()}; load average at start {load_start}, at end {os.getloadavg()}; "
+              f"the ten kinds round-robin, compacted, loaded in one process.")
+    print("\n".join(lines) + footer)
+    out = args.out_dir / f"adapter_memory_scale_{time.strftime('%Y%m%d-%H%M%S')}.md"
+    out.write_text("\n".join(lines) + footer + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=common.DEFAULT_DATA)
     p.add_argument("--copies", type=int, default=20)
     p.add_argument("--out-dir", type=Path, default=common.RESULTS)
+    p.add_argument("--scale", default="", help="counts of resident adapters, e.g. 500,1000,3000: where their memory goes")
     args = p.parse_args()
+    if args.scale:
+        return main_scale(args)
     base = build_adapters(args.out_dir / "serve_adapters", args.data_dir, False)["ptuning"]
     tmp = Path(tempfile.mkdtemp(prefix="adapter-memory-"))
     load_start = os.getloadavg()
