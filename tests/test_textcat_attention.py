@@ -146,6 +146,7 @@ def test_a_label_added_after_training_resizes_the_output(tiny_bert):
     assert after.shape == (len(TEXTS), 3)
     # The old labels keep their logits; the new one starts far below them.
     assert numpy.allclose(after[:, :2] / after[:, :2].sum(axis=1, keepdims=True), before, atol=1e-5)
+    assert float(after[:, 2].max()) < 1e-6
 
 
 @pytest.mark.parametrize("setting,value", [("hidden_width", -1), ("maxout_pieces", 0)])
