@@ -20,7 +20,9 @@ compacted, as the server holds them) and, at each count, splits RSS into
 malloc's in-use bytes (``mallinfo2``: heap in use + its mmapped blocks),
 malloc's free-but-kept bytes (fragmentation), and the rest (torch/numpy
 mappings, code), beside the adapters' own bytes and the number of objects
-Python's cycle collector tracks.
+Python's cycle collector tracks. ``--storage-dtypes float32,float16``:
+each storage dtype of the pool (``serve --storage-dtype``) in its own fresh
+process, side by side in one table.
 """
 import argparse
 import concurrent.futures
@@ -73,11 +75,11 @@ def malloc_mb() -> dict:
     return {"malloc_used_mb": (info.uordblks + info.hblkhd) / 2**20, "malloc_free_mb": info.fordblks / 2**20}
 
 
-def scale(folder: Path, counts: list) -> list:
+def scale(folder: Path, counts: list, storage: str = "float32") -> list:
     """At each count of resident adapters: RSS and where it goes."""
     from spacy_ptuning.serving.pool import AdapterPool, resident_bytes
 
-    pool = AdapterPool(folder, max_loaded=10**6, check_interval=None, compact=True)
+    pool = AdapterPool(folder, max_loaded=10**6, check_interval=None, compact=True, storage_dtype=storage)
     kinds = [kind for kind, *_ in ADAPTERS]
     for kind in kinds:  # first of each kind: shared tokenizer and caches
         pool.get(f"{kind}-0")
@@ -91,7 +93,7 @@ def scale(folder: Path, counts: list) -> list:
             loaded += 1
         gc.collect()
         now = {"rss_mb": rss_mb(), **malloc_mb(), "objects": len(gc.get_objects())}
-        row = {"adapters": count, "own_mb": own / 2**20 / count}
+        row = {"storage": storage, "adapters": count, "own_mb": own / 2**20 / count, "rss_total_mb": now["rss_mb"]}
         for key in ("rss_mb", "malloc_used_mb", "malloc_free_mb"):
             row[key.replace("_mb", "_per_adapter_mb")] = (now[key] - base[key]) / count
         row["objects_per_adapter"] = (now["objects"] - base["objects"]) / count
@@ -110,15 +112,17 @@ def main_scale(args) -> None:
         for kind, *_ in ADAPTERS:
             for k in range(per_kind + 1):
                 perturbed_copy(base / kind, tmp / f"{kind}-{k}", seed=k)
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
-            rows = ex.submit(scale, tmp, counts).result()
+        rows = []
+        for storage in args.storage_dtypes.split(","):  # each in a fresh process
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+                rows += ex.submit(scale, tmp, counts, storage).result()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    lines = ["| resident adapters | own MB / adapter | RSS MB / adapter | malloc in use | malloc free (kept) | "
-             "RSS - own | objects / adapter |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| storage | resident adapters | own MB / adapter | RSS MB / adapter | malloc in use | malloc free (kept) | "
+             "RSS - own | objects / adapter | process RSS MB |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['adapters']:,} | {r['own_mb']:.2f} | {r['rss_per_adapter_mb']:.2f} | {r['malloc_used_per_adapter_mb']:.2f} | "
-                     f"{r['malloc_free_per_adapter_mb']:.2f} | {r['rss_per_adapter_mb'] - r['own_mb']:+.2f} | {r['objects_per_adapter']:,.0f} |")
+        lines.append(f"| {r['storage']} | {r['adapters']:,} | {r['own_mb']:.2f} | {r['rss_per_adapter_mb']:.2f} | {r['malloc_used_per_adapter_mb']:.2f} | "
+                     f"{r['malloc_free_per_adapter_mb']:.2f} | {r['rss_per_adapter_mb'] - r['own_mb']:+.2f} | {r['objects_per_adapter']:,.0f} | {r['rss_total_mb']:,.0f} |")
     footer = (f"\n\nMachine: {common.machine_info()}; load average at start {load_start}, at end {os.getloadavg()}; "
               f"the ten kinds round-robin, compacted, loaded in one process.")
     print("\n".join(lines) + footer)
@@ -132,6 +136,7 @@ def main() -> None:
     p.add_argument("--copies", type=int, default=20)
     p.add_argument("--out-dir", type=Path, default=common.RESULTS)
     p.add_argument("--scale", default="", help="counts of resident adapters, e.g. 500,1000,3000: where their memory goes")
+    p.add_argument("--storage-dtypes", default="float32", help="with --scale: the pool's storage dtypes, e.g. float32,float16")
     args = p.parse_args()
     if args.scale:
         return main_scale(args)

@@ -43,6 +43,38 @@ def with_dtype(nlp, component: str, dtype: str):
     return spacy.blank("en").from_config(config).from_bytes(nlp.to_bytes())
 
 
+def read_task(task: str, data_dir: Path, vocab):
+    """(train, dev) records of a task's data."""
+    if task == "ner":
+        return (common.read_conll(data_dir / "conll2003" / "train.iob", vocab),
+                common.read_conll(data_dir / "conll2003" / "dev.iob", vocab))
+    return (common.read_sst2(data_dir / "sst2" / "train.tsv", vocab),
+            common.read_sst2(data_dir / "sst2" / "dev.tsv", vocab))
+
+
+def train(task: str, train_records, steps: int, seed: int, dtype: str):
+    """The task's shipped config with a ``dtype`` backbone, trained ``steps``
+    steps (Adam at the config's peak rate, linear decay): (nlp, train words/s)."""
+    from thinc.api import Adam
+
+    cfg, component = TASKS[task]
+    overrides = {f"components.{component}.model.tok2vec.dtype": dtype, "training.max_steps": steps}
+    nlp, config, training = common.load_pipeline(CONFIGS / cfg, overrides, seed=seed)
+    egs = common.examples(nlp, train_records)
+    peak = config["training"]["optimizer"]["learn_rate"]["initial_rate"]
+    sgd = Adam(peak)
+    nlp.initialize(lambda: egs[:500], sgd=sgd)
+    batches = common.epoch_batches(egs, [len(e.predicted) for e in egs], seed=seed)
+
+    def schedule(_, step=[0]):  # noqa: B006 - linear decay by step
+        sgd.learn_rate = peak * max(0.0, 1 - step[0] / steps)
+        step[0] += 1
+
+    trainer = common.Trainer(common.nlp_update(nlp, sgd), batches, before_step=schedule)
+    trainer.run(until_steps=steps)
+    return nlp, trainer.words / trainer.seconds
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=common.DEFAULT_DATA)
@@ -51,38 +83,18 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     args = p.parse_args()
     import spacy
-    from thinc.api import Adam
 
     vocab = spacy.blank("en").vocab
     rows = []
     for task in args.tasks.split(","):
-        cfg, component = TASKS[task]
-        if task == "ner":
-            train = common.read_conll(args.data_dir / "conll2003" / "train.iob", vocab)
-            dev = common.read_conll(args.data_dir / "conll2003" / "dev.iob", vocab)
-        else:
-            train = common.read_sst2(args.data_dir / "sst2" / "train.tsv", vocab)
-            dev = common.read_sst2(args.data_dir / "sst2" / "dev.tsv", vocab)
+        _, component = TASKS[task]
+        train_records, dev = read_task(task, args.data_dir, vocab)
         trained = {}
         for dtype in ("float32", "bfloat16"):
-            overrides = {f"components.{component}.model.tok2vec.dtype": dtype, "training.max_steps": args.steps}
-            nlp, config, training = common.load_pipeline(CONFIGS / cfg, overrides, seed=args.seed)
-            egs = common.examples(nlp, train)
-            peak = config["training"]["optimizer"]["learn_rate"]["initial_rate"]
-            sgd = Adam(peak)
-            nlp.initialize(lambda: egs[:500], sgd=sgd)
-            batches = common.epoch_batches(egs, [len(e.predicted) for e in egs], seed=args.seed)
-
-            def schedule(_, step=[0]):  # noqa: B006 - linear decay by step
-                sgd.learn_rate = peak * max(0.0, 1 - step[0] / args.steps)
-                step[0] += 1
-
-            trainer = common.Trainer(common.nlp_update(nlp, sgd), batches, before_step=schedule)
-            trainer.run(until_steps=args.steps)
+            nlp, words_per_s = train(task, train_records, args.steps, args.seed, dtype)
             trained[dtype] = nlp
-            rows.append({"task": task, "trained": dtype, "steps": args.steps,
-                         "train_words_per_s": trainer.words / trainer.seconds})
-            print(f"{task}: trained with {dtype}: {trainer.words / trainer.seconds:.0f} words/s", flush=True)
+            rows.append({"task": task, "trained": dtype, "steps": args.steps, "train_words_per_s": words_per_s})
+            print(f"{task}: trained with {dtype}: {words_per_s:.0f} words/s", flush=True)
         for row in [r for r in rows if r["task"] == task]:
             nlp = trained[row["trained"]]
             for dtype in ("float32", "bfloat16"):

@@ -63,7 +63,7 @@ def serve_cli(**options):
     for name in _LISTS:
         value = options.get(name)
         options[name] = [n.strip() for n in value.split(",") if n.strip()] if value else (None if name == "allowed_hosts" else [])
-    for name in ("admin_token", "api_token", "dtype", "admin_root"):
+    for name in ("admin_token", "api_token", "dtype", "storage_dtype", "admin_root"):
         options[name] = options.get(name) or None
     try:
         config = ServeConfig(**options)

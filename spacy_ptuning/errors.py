@@ -230,6 +230,12 @@ class Errors(metaclass=ErrorsWithCodes):
         "TextCatAttention: {option} = {value} cannot be used; it must be {rule}. "
         "Set it in the [components.<textcat>.model] block."
     )
+    E054 = (
+        "storage_dtype = {value!r} cannot be used{why}. Give one of {allowed} "
+        "(--storage-dtype float16 holds a resident adapter's prompts and "
+        "word-feature tables in half the bytes), or leave it unset to hold them "
+        "as computed."
+    )
 
 
 def errors_table() -> str:

@@ -66,8 +66,8 @@ SYSTEMS = ("st", "prefix", "prompt_encoder", "prompt", "peft", "peft_ptuning", "
 VARIANT_KEYS = {"n": "num_virtual_tokens", "lr": "lr", "proj": "prefix_projection", "dtype": "dtype",
                 # PTuningTransformer.v2: mix of the last K hidden states; word features of width W
                 "mix": "layer_mix", "words": "word_features",
-                # text classifier head: mean (TextCatReduce.v1, the default), meanmax (its mean
-                # and max), attn (TextCatAttention.v1), attnH (the same, hidden layer of H)
+                # text classifier head: mean (TextCatReduce.v1), meanmax (its mean and max),
+                # attn (TextCatAttention.v1, the default), attnH (the same, hidden layer of H)
                 "head": "textcat_head"}
 HEADS = ("mean", "meanmax", "attn")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -315,7 +315,8 @@ def st_pipeline(task: str = "ner", name: str = ""):
     ``name``, default the embedded MiniLM; strided spans 128/96) and a head
     over a TransformerListener (grad_factor 1.0, mean pooling): ``ner``
     (TransitionBasedParser.v2, as spaCy's trf configs) or ``textcat``
-    (TextCatReduce.v1, mean: the head and pooling of configs/textcat.cfg)."""
+    (TextCatReduce.v1, mean pooling: spaCy's own head; configs/textcat.cfg
+    has ours, TextCatAttention.v1, since 2026-12-04)."""
     import spacy
     import spacy_transformers  # noqa: F401
 

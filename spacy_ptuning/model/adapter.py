@@ -96,11 +96,17 @@ class Adapter(torch.nn.Module):
         """Whether :meth:`compact` replaced the prompt module."""
         return isinstance(self.prompts, FixedPrompts)
 
-    def compact(self) -> int:
+    def compact(self, dtype: Optional[str] = None) -> int:
         """For inference only (a server's resident adapter): replace the
         prompt module (a P-Tuning v1 encoder, a prefix MLP, free prompt
         parameters) by the one row of prompts it computes, in the backbone's
         dtype, and free its weights; returns the bytes freed.
+
+        ``dtype`` ("float16"): hold the row in this dtype where that takes
+        fewer bytes than the backbone's dtype (a float32 backbone; a
+        bfloat16 row stays as it is), cast to the backbone's at each use:
+        half the bytes, the predictions those of the row rounded to
+        ``dtype``. Given on a compacted adapter, it converts the row held.
 
         The adapter predicts exactly as before (the same row that
         :meth:`prompt_row` caches at inference, which then is the only
@@ -110,14 +116,21 @@ class Adapter(torch.nn.Module):
         adapters needs only the prompts. Compact after placing the adapter
         on its device: with no parameters left, a later ``.to(device)``
         cannot tell which shared backbone to rebind to."""
+        storage = None if dtype is None else _torch_dtype(dtype)
         if self.compacted:
-            return 0
-        before = sum(t.numel() * t.element_size() for t in self.prompts.parameters())
-        training = self.training
-        self.eval()
-        with torch.no_grad():
-            row = self.prompt_row()
-        self.train(training)
+            row = self.prompts.row
+            if storage is None or row.element_size() <= storage.itemsize:
+                return 0
+            before = row.numel() * row.element_size()
+        else:
+            before = sum(t.numel() * t.element_size() for t in self.prompts.parameters())
+            training = self.training
+            self.eval()
+            with torch.no_grad():
+                row = self.prompt_row()
+            self.train(training)
+        if storage is not None and storage.itemsize < row.element_size():
+            row = row.to(storage)
         self.prompts = FixedPrompts(row)
         self._prompt_cache = None
         return before - row.numel() * row.element_size()
@@ -137,7 +150,9 @@ class Adapter(torch.nn.Module):
         if self.compacted:
             if self.training and torch.is_grad_enabled():
                 raise AdapterError(Errors.E049.format(action="trained"))
-            return self.prompts.row
+            row = self.prompts.row
+            dtype = self.backbone.model.dtype
+            return row if row.dtype == dtype else row.to(dtype)
         if self.training or torch.is_grad_enabled():
             return self.prompts().to(self.backbone.model.dtype)
         key = tuple((id(p), p._version) for p in self.parameters())
@@ -258,3 +273,16 @@ class Adapter(torch.nn.Module):
             return (hidden if rows is None else hidden[rows]).float()
         states = output.hidden_states if rows is None else [h[rows] for h in output.hidden_states]
         return self.mix(states)
+
+
+# The dtypes a compacted row may be held in (a pool holds word-feature
+# tables in the same one, and numpy has no bfloat16).
+STORAGE_DTYPES = ("float32", "float16")
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    """A compacted row's storage dtype by name (PT-E054 for anything else)."""
+    if name not in STORAGE_DTYPES:
+        raise ConfigError(Errors.E054.format(value=name, why="", allowed=list(STORAGE_DTYPES)))
+    return getattr(torch, name)
+

@@ -76,14 +76,17 @@ nO = null
     + _v2_with_words(64, STRIDED_SPANS)
 )["model"]
 
+# The classifier head: the mean and an attention-weighted sum of the token
+# vectors (bench/RESULTS.md, "SST-2: the classifier head": +0.7 and +0.6 SST-2
+# dev accuracy over spaCy's mean-pooling TextCatReduce.v1 at 1,200 s, two
+# seeds; the same speed and size). Pipelines saved with TextCatReduce name it
+# in their config and load as before.
 _TEXTCAT_MODEL = """
 [model]
-@architectures = "spacy.TextCatReduce.v1"
+@architectures = "spacy_ptuning.TextCatAttention.v1"
 exclusive_classes = {exclusive}
-use_reduce_first = false
-use_reduce_last = false
-use_reduce_max = false
-use_reduce_mean = true
+hidden_width = 0
+maxout_pieces = 2
 nO = null
 """
 DEFAULT_TEXTCAT_MODEL = Config().from_str(_TEXTCAT_MODEL.format(exclusive="true") + _v2_with_words(20, DOC_SPANS))["model"]

@@ -42,6 +42,8 @@ from thinc.layers.residual import forward as _residual_forward
 from thinc.layers.with_array import forward as _with_array_forward
 from thinc.types import Floats2d
 
+from .half_storage import as_float32, gather_rows, is_layer
+
 
 @dataclass(frozen=True)
 class Table:
@@ -116,7 +118,7 @@ def _plan_of(model: Model) -> Plan:
     tables = []
     for table in concat.layers:
         parts = _steps(table)
-        _need(len(parts) == 2 and parts[1]._func is _hashembed_forward and parts[1].has_param("E"))
+        _need(len(parts) == 2 and is_layer(parts[1], _hashembed_forward) and parts[1].has_param("E"))
         column = table.attrs.get("column")
         _need(isinstance(column, int) and 0 <= column < len(columns))
         _need(parts[0].attrs.get("index") == (slice(0, None), column))  # thinc's ints_getitem of that column
@@ -149,7 +151,7 @@ def _maxout(layer) -> Maxout:
     """Maxout then LayerNorm (thinc's ``Maxout(normalize=True)``): a model,
     or its steps."""
     steps = _steps(layer) if isinstance(layer, Model) else layer
-    _need(len(steps) == 2 and steps[0]._func is _maxout_forward and steps[1]._func is _layernorm_forward)
+    _need(len(steps) == 2 and is_layer(steps[0], _maxout_forward) and steps[1]._func is _layernorm_forward)
     _need(steps[0].has_param("W") and steps[1].has_param("G"))
     return Maxout(steps[0], steps[1])
 
@@ -177,7 +179,7 @@ def gathered_word_features(groups: Sequence[Tuple[Plan, Sequence[Doc]]]) -> List
         for table in plan.tables:
             vectors = table.layer.get_param("E")
             keys = ops.hash(ops.as_contig(F[:, table.column], dtype="uint64"), table.seed) % vectors.shape[0]
-            embedded.append(ops.gather_add(vectors, keys))
+            embedded.append(gather_rows(ops, vectors, keys))  # a float16 table too (half_storage.py)
         X = _apply(ops, plan.mix, ops.xp.hstack(embedded))
         Xf = ops.flatten(ops.unflatten(X, ops.asarray1i(lengths)), pad=plan.pad)
         for layer in plan.encoder:
@@ -193,8 +195,9 @@ def _apply(ops, layer: Maxout, X):
     # The array library's matmul, not ops.gemm: on these small shapes (tens of
     # rows) numpy's BLAS ran 3-6x thinc's blis gemm (bench/RESULTS.md); the
     # same product to float32 rounding.
-    Y = ops.xp.matmul(X, ops.reshape2f(model.get_param("W"), nO * nP, nI).T)
-    Y += ops.reshape1f(model.get_param("b"), nO * nP)
+    # float32 weights, also where a server holds them in float16 (half_storage.py).
+    Y = ops.xp.matmul(X, ops.reshape2f(as_float32(model.get_param("W")), nO * nP, nI).T)
+    Y += ops.reshape1f(as_float32(model.get_param("b")), nO * nP)
     best, _ = ops.maxout(ops.reshape3f(Y, Y.shape[0], nO, nP))
     mu = best.mean(axis=1, keepdims=True)
     var = best.var(axis=1, keepdims=True) + 1e-08

@@ -133,7 +133,8 @@ class PTuningDeployment:
 
             spacy.require_gpu(0)
         self.config = ServeConfig(**dict(config or {}))
-        self.pool = AdapterPool(adapters_dir, max_loaded=max_models + 1, check_interval=check_interval, compact=True)
+        self.pool = AdapterPool(adapters_dir, max_loaded=max_models + 1, check_interval=check_interval, compact=True,
+                                 storage_dtype=self.config.storage_dtype)
         # Loads take turns with batches, as in our server (load_budget.py): a
         # load beside a batch slows both, and a burst of new adapters would
         # otherwise stall the adapters this replica already serves.
@@ -379,7 +380,8 @@ class PTuningRouter:
 # types convert the strings of `serve run ... key=value`); the HTTP-only ones
 # (connections, tokens, hosts, drain) belong to Serve's proxy, not to ours.
 _CONFIG = ("batching", "max_wait_ms", "max_batch_texts", "max_batch_tokens", "max_queue", "max_queue_wait_s",
-           "timeout_s", "load_share", "retry_after_s", "max_items", "max_request_adapters", "max_chars", "max_text_wordpieces")
+           "timeout_s", "load_share", "retry_after_s", "max_items", "max_request_adapters", "max_chars", "max_text_wordpieces",
+           "storage_dtype")
 _INT = ("num_replicas", "router_replicas", "max_models", "max_ongoing_requests", "retries",
         *(f.name for f in dataclasses.fields(ServeConfig) if f.name in _CONFIG and f.type in (int, "int")))
 _FLOAT = ("num_cpus", "num_gpus", "check_interval",
@@ -401,7 +403,8 @@ def build_app(args: Mapping[str, Any]) -> "serve.Application":
     negative: never reload a changed adapter folder), and the batcher's
     batching, max_wait_ms, max_batch_texts, max_batch_tokens, max_queue,
     max_queue_wait_s, timeout_s, load_share, retry_after_s, max_items,
-    max_chars, max_text_wordpieces (as ``ServeConfig``).
+    max_chars, max_text_wordpieces, and the pool's storage_dtype (as
+    ``ServeConfig``).
     """
     opts: Dict[str, Any] = dict(args)  # one parameter: Serve's rule for application builders
     if "adapters_dir" not in opts:

@@ -32,6 +32,8 @@ import srsly
 from spacy.language import Language
 
 from ..errors import Errors, PTuningError
+from ..model.adapter import STORAGE_DTYPES
+from ..pipeline.half_storage import halve
 from ..pipeline.transformer_model import find_adapter_layers
 from . import registry_cache
 
@@ -118,6 +120,12 @@ class AdapterPool:
         computes (``Adapter.compact``): the same predictions in a fraction of
         the memory (a P-Tuning v1 encoder or a prefix MLP is freed), but the
         pipelines the pool hands out cannot be trained or saved.
+    storage_dtype: with ``compact``, hold each adapter's prompt row and its
+        word features' hash tables and maxout weights in this dtype
+        ("float16": about half a resident adapter's bytes, computed in the
+        backbone's dtype and float32 as before, ``pipeline/half_storage.py``;
+        the predictions those of the values rounded to float16,
+        ``bench/storage_accuracy.py``); None: as computed.
     clock: the time source (tests pass a fake one).
     """
 
@@ -132,6 +140,7 @@ class AdapterPool:
         max_retry_after_failure: float = 300.0,
         dtype: Optional[str] = None,
         compact: bool = False,
+        storage_dtype: Optional[str] = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         if max_loaded < 1:
@@ -147,6 +156,12 @@ class AdapterPool:
         self.max_retry_after_failure = max(max_retry_after_failure, retry_after_failure)
         self.dtype = dtype
         self.compact = compact
+        if storage_dtype is not None and (storage_dtype not in STORAGE_DTYPES or not compact):
+            why = "" if storage_dtype in STORAGE_DTYPES else " (unknown dtype)"
+            raise ValueError(Errors.E054.format(
+                value=storage_dtype, allowed=list(STORAGE_DTYPES),
+                why=why or " without compact=True (only a compacted adapter, never trained or saved, can be held rounded)"))
+        self.storage_dtype = None if storage_dtype == "float32" else storage_dtype
         self._clock = clock
         self._root: Optional[Path] = None
         self._lock = threading.RLock()
@@ -338,7 +353,9 @@ class AdapterPool:
             if self.compact:
                 for _, pipe in nlp.pipeline:
                     for _, _, adapter in find_adapter_layers(pipe):
-                        adapter.compact()
+                        adapter.compact(self.storage_dtype)
+                    if self.storage_dtype is not None and getattr(pipe, "model", None) is not None:
+                        halve(pipe.model)
             size = resident_bytes(nlp)
             if self.max_resident_bytes is not None and size > self.max_resident_bytes:
                 raise AdapterLoadFailed(Errors.E050.format(

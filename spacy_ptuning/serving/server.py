@@ -468,7 +468,7 @@ def create_app(
     from, with ``pool_kwargs`` such as ``max_loaded``)."""
     config = config or ServeConfig()
     if not isinstance(pool, AdapterPool):
-        pool = AdapterPool(pool, **{"dtype": config.dtype, "compact": True, **pool_kwargs})
+        pool = AdapterPool(pool, **{"dtype": config.dtype, "compact": True, "storage_dtype": config.storage_dtype, **pool_kwargs})
     state = _State(pool, config)
     admin_root = Path(config.admin_root).resolve() if config.admin_root else (
         pool.root.resolve() if pool.root is not None else None
@@ -823,7 +823,8 @@ def serve(
     # compact: a served adapter is never trained or saved; its prompts alone
     # are kept (a P-Tuning v1 encoder or a prefix MLP is freed).
     pool = AdapterPool(source, max_loaded=max_loaded, max_resident_mb=max_resident_mb,
-                       check_interval=check_interval, dtype=config.dtype, compact=True)
+                       check_interval=check_interval, dtype=config.dtype, compact=True,
+                       storage_dtype=config.storage_dtype)
     if max_resident_mb is not None:
         check_budget(pool)
     app = create_app(pool, config)
