@@ -120,8 +120,11 @@ def measure(server: Server, tasks: Dict[str, str], texts: Dict[str, list], traff
         return name, rng.choice(texts[tasks[name]])
 
     asyncio.run(closed_loop(server.url, work, args.clients, 3, 200))  # warm
+    gc_before = server.metrics()
     run = asyncio.run(closed_loop(server.url, work, args.clients, args.seconds, args.max_requests))
+    gc_after = server.metrics()
     ok = len(run["latencies"])
+    full = 'ptuning_gc_{}{{generation="2"}}'.format
     return {
         "ok": ok,
         "errors": {str(k): v for k, v in run["statuses"].items() if k != 200},
@@ -129,6 +132,10 @@ def measure(server: Server, tasks: Dict[str, str], texts: Dict[str, list], traff
         "p50_ms": 1000 * percentile(run["latencies"], 50),
         "p95_ms": 1000 * percentile(run["latencies"], 95),
         "rss_mb": server.rss_mb(),
+        # The server's full collections during the run (serving/gc_pauses.py).
+        "gc2_collections": gc_after.get(full("collections_total"), 0) - gc_before.get(full("collections_total"), 0),
+        "gc2_seconds": gc_after.get(full("seconds_total"), 0) - gc_before.get(full("seconds_total"), 0),
+        "gc2_longest_s": gc_after.get(full("longest_seconds"), 0),
         "latencies": run["latencies"],
     }
 
@@ -244,13 +251,13 @@ def main() -> None:
         lines += [f"| {mode} | {kind} | {f(r['docs_per_s'])} | {f(r['p50_ms'])} | {f(r['p95_ms'])} | {r['errors'] or 0} |"
                   for mode, kinds in alone.items() for kind, r in kinds.items()]
         lines += ["", "Retention = docs/s / the baseline's docs/s for the same traffic (share-matched over the kinds).", ""]
-    lines += ["| tenants | mode | traffic | docs/s | baseline docs/s | retention | p50 ms | p95 ms | p95 / baseline | errors | RSS MB | MB per extra tenant | ready s |",
-              "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+    lines += ["| tenants | mode | traffic | docs/s | baseline docs/s | retention | p50 ms | p95 ms | p95 / baseline | errors | RSS MB | MB per extra tenant | ready s | full GCs in the run: count, s |",
+              "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         ref = r.get("baseline") or next((o for o in rows if o["tenants"] == counts[0] and o["mode"] == r["mode"] and o["traffic"] == r["traffic"]), {})
         lines.append(f"| {r['tenants']:,} | {r['mode']} | {r['traffic']} | {f(r['docs_per_s'])} | {f(ref.get('docs_per_s'))} | {f(r['retention'], 2)} | "
                      f"{f(r['p50_ms'])} | {f(r['p95_ms'])} | {f(r['p95_vs_one'], 2)} | {r['errors'] or 0} | {f(r['rss_mb'], 0)} | "
-                     f"{f(r['rss_per_tenant_mb'], 2)} | {f(r['ready_s'])} |")
+                     f"{f(r['rss_per_tenant_mb'], 2)} | {f(r['ready_s'])} | {r.get('gc2_collections', 0):.0f}, {r.get('gc2_seconds', 0):.2f} |")
     info = common.machine_info()
     table = "\n".join(lines)
     footer = (f"\n\nMachine: {info}; load average at start {load_start}, at end {os.getloadavg()}; "

@@ -161,7 +161,8 @@ def test_bad_storage_settings_say_what_to_set(tiny_bert, tmp_path):
     (_, _, adapter), = find_adapter_layers(nlp.get_pipe("ptuning_ner"))
     with pytest.raises(ConfigError, match="PT-E054"):
         adapter.compact("int8")
-    # float32 is the same as none: the exact pool.
+    # float32 is the same as none: the exact pool (with or without compact).
+    AdapterPool(tmp_path, storage_dtype="float32")
     pool = AdapterPool(tmp_path, check_interval=None, compact=True, storage_dtype="float32")
     (_, _, served), = find_adapter_layers(pool.get("a").get_pipe("ptuning_ner"))
     assert served.prompts.row.dtype == torch.float32

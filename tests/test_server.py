@@ -306,6 +306,19 @@ def test_metrics_count_requests_latency_passes_and_adapters(server):
     assert not any(dict(labels).get("endpoint", "").endswith("nope/process") for _, labels in m)
 
 
+def test_metrics_time_the_cycle_collector_by_generation(server):
+    import gc
+
+    before = _metrics(server)
+    key = lambda name: (name, frozenset({"generation": "2"}.items()))  # noqa: E731
+    gc.collect()  # a full collection in the server's process (the app runs in this one)
+    after = _metrics(server)
+    assert after[key("ptuning_gc_collections_total")] >= before[key("ptuning_gc_collections_total")] + 1
+    assert after[key("ptuning_gc_seconds_total")] > before[key("ptuning_gc_seconds_total")]
+    assert 0 < after[key("ptuning_gc_longest_seconds")] <= after[key("ptuning_gc_seconds_total")]
+    assert {dict(labels)["generation"] for name, labels in after if name == "ptuning_gc_collections_total"} == {"0", "1", "2"}
+
+
 def test_evictions_beyond_max_loaded(adapters_dir):
     app = _app(adapters_dir, max_loaded=1)
     with running(app) as (url, _), httpx.Client(base_url=url, timeout=20) as client:

@@ -156,7 +156,7 @@ class AdapterPool:
         self.max_retry_after_failure = max(max_retry_after_failure, retry_after_failure)
         self.dtype = dtype
         self.compact = compact
-        if storage_dtype is not None and (storage_dtype not in STORAGE_DTYPES or not compact):
+        if storage_dtype not in (None, "float32") and (storage_dtype not in STORAGE_DTYPES or not compact):
             why = "" if storage_dtype in STORAGE_DTYPES else " (unknown dtype)"
             raise ValueError(Errors.E054.format(
                 value=storage_dtype, allowed=list(STORAGE_DTYPES),
@@ -352,9 +352,10 @@ class AdapterPool:
             nlp, signature = self._consistent_load(entry.location, signature)
             if self.compact:
                 for _, pipe in nlp.pipeline:
-                    for _, _, adapter in find_adapter_layers(pipe):
+                    adapters = find_adapter_layers(pipe)
+                    for _, _, adapter in adapters:
                         adapter.compact(self.storage_dtype)
-                    if self.storage_dtype is not None and getattr(pipe, "model", None) is not None:
+                    if self.storage_dtype is not None and adapters:  # our components' word features only
                         halve(pipe.model)
             size = resident_bytes(nlp)
             if self.max_resident_bytes is not None and size > self.max_resident_bytes:

@@ -79,6 +79,7 @@ from .api import (
 from .batcher import Batcher, Job, QueueFull, ShuttingDown, estimate_wordpieces
 from ..errors import Errors
 from .load_budget import LoadBudget, LoadsBusy
+from . import gc_pauses
 from .pool import AdapterLoadFailed, AdapterPool, InvalidAdapterName, UnknownAdapter
 
 __all__ = [  # doc_json, BATCHING, DTYPES, config_fields: re-exported for code that imported them from here
@@ -161,6 +162,22 @@ class _PoolCollector:
         yield version
 
 
+class _GcCollector:
+    """The cycle collector's pauses (gc_pauses.py), read at each scrape."""
+
+    def collect(self):
+        seconds = CounterMetricFamily("ptuning_gc_seconds", "Seconds the cycle collector ran, by generation", labels=["generation"])
+        count = CounterMetricFamily("ptuning_gc_collections", "Timed collections, by generation", labels=["generation"])
+        longest = GaugeMetricFamily("ptuning_gc_longest_seconds", "The longest collection, by generation", labels=["generation"])
+        for generation, (n, total, most) in sorted(gc_pauses.pauses().items()):
+            seconds.add_metric([str(generation)], total)
+            count.add_metric([str(generation)], n)
+            longest.add_metric([str(generation)], most)
+        yield seconds
+        yield count
+        yield longest
+
+
 class _BudgetCollector:
     """The turns of cold loads (load_budget.py), read at each scrape."""
 
@@ -231,6 +248,8 @@ class _Metrics:
         queue.set_function(batcher_pending)
         r.register(_PoolCollector(pool))
         r.register(_BudgetCollector(load_budget))
+        gc_pauses.install()
+        r.register(_GcCollector())
 
     # the batcher's observer
     def batch(self, texts: List[Tuple[str, Any]], seconds: float, stats) -> None:
