@@ -43,7 +43,7 @@ class ServeConfig:
     max_connections: int = _opt(512, "Most open connections and requests in flight; 503 beyond (uvicorn's limit_concurrency)")
     threads: int = _opt(1, "torch intra-op threads of the server process (0: torch's default, one per core); see docs/serving.md for why 1")
     dtype: Optional[str] = _opt(None, "Load every adapter's backbone in this dtype (float32: results that do not depend on the batch); default: as each adapter was saved")
-    storage_dtype: Optional[str] = _opt(None, "Hold each resident adapter's prompts and word-feature tables in this dtype (float16: about 0.6x an adapter's bytes, predictions those of the values rounded to float16; checked by the adapter pool, PT-E054); default: as computed")
+    storage_dtype: Optional[str] = _opt(None, "Hold each resident adapter's prompt row and word features (hash tables, maxout weights) in this dtype (float16: about half an adapter's bytes, predictions those of the values rounded to float16; checked by the adapter pool, PT-E054); default: as computed")
     admin_token: Optional[str] = _opt(None, "Bearer token for PUT/DELETE /adapters/NAME (also $SPACY_PTUNING_ADMIN_TOKEN); off without")
     admin_root: Optional[str] = _opt(None, "The folder under which PUT /adapters/NAME may take pipeline folders (default: the adapters folder)")
     api_token: Optional[str] = _opt(None, "Bearer token for the inference and listing endpoints (also $SPACY_PTUNING_API_TOKEN); open without. /health, /ready and /metrics stay open")
