@@ -119,8 +119,6 @@ class Adapter(torch.nn.Module):
         storage = None if dtype is None else _torch_dtype(dtype)
         if self.compacted:
             row = self.prompts.row
-            if storage is None or row.element_size() <= storage.itemsize:
-                return 0
             before = row.numel() * row.element_size()
         else:
             before = sum(t.numel() * t.element_size() for t in self.prompts.parameters())
@@ -131,6 +129,8 @@ class Adapter(torch.nn.Module):
             self.train(training)
         if storage is not None and storage.itemsize < row.element_size():
             row = row.to(storage)
+        elif self.compacted:
+            return 0  # nothing to convert
         self.prompts = FixedPrompts(row)
         self._prompt_cache = None
         return before - row.numel() * row.element_size()
