@@ -168,7 +168,9 @@ def _gate(app):
 
 def _app(source, max_loaded=8, **config):
     pool = source if isinstance(source, AdapterPool) else AdapterPool(source, max_loaded=max_loaded, check_interval=None)
-    return create_app(pool, ServeConfig(**config))
+    # The process stays unfrozen (a frozen cycle of a test's pipeline would
+    # never be freed): tests/test_gc_freeze.py tests the freezing.
+    return create_app(pool, ServeConfig(**{"gc_freeze_s": 0, **config}))
 
 
 @pytest.fixture(scope="module")

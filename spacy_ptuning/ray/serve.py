@@ -70,6 +70,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(Errors.E036.format(what="spacy_ptuning.ray.serve", error=e)) from e
 
+from ..serving.gc_pauses import Freezer
 from ..serving.pool import AdapterPool, InvalidAdapterName, UnknownAdapter
 from ..serving.api import (
     ItemsIn, RequestError, TextsIn, loads_busy_error, pipeline_batcher, public_message as describe_error, wordpiece_costs,
@@ -118,7 +119,8 @@ class PTuningDeployment:
         max_queue, timeout_s) and for loads (load_share, retry_after_s:
         loads of new adapters take turns with batches, as in our server;
         one that could not be done within half of timeout_s answers 503
-        with Retry-After).
+        with Retry-After), gc_freeze_s (freezes after loads, as in our
+        server) and storage_dtype (the pool's).
     """
 
     def __init__(
@@ -141,6 +143,11 @@ class PTuningDeployment:
         self.load_budget = LoadBudget(self.config.load_share)
         self.batcher = pipeline_batcher(self.config, turns=self.load_budget)
         self.batcher.start()
+        # A replica is a process of its own: after loads, its objects are
+        # frozen out of the cycle collector, as in our server (gc_pauses.py).
+        pool = self.pool  # not self: the thread must not keep the replica alive
+        self.freezer = Freezer(lambda: pool.stats["loads"] + pool.stats["reloads"], self.config.gc_freeze_s)
+        self.freezer.start()
         # Loads on two threads of their own (as server.py: fewer malloc arenas).
         self.loader = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="spacy-ptuning-loader")
         context = serve.get_replica_context()
@@ -225,6 +232,7 @@ class PTuningDeployment:
 
     def __del__(self):
         try:
+            self.freezer.stop()
             self.batcher.close(5)
             self.loader.shutdown(wait=False)
         except Exception:
@@ -381,7 +389,7 @@ class PTuningRouter:
 # (connections, tokens, hosts, drain) belong to Serve's proxy, not to ours.
 _CONFIG = ("batching", "max_wait_ms", "max_batch_texts", "max_batch_tokens", "max_queue", "max_queue_wait_s",
            "timeout_s", "load_share", "retry_after_s", "max_items", "max_request_adapters", "max_chars", "max_text_wordpieces",
-           "storage_dtype")
+           "storage_dtype", "gc_freeze_s")
 _INT = ("num_replicas", "router_replicas", "max_models", "max_ongoing_requests", "retries",
         *(f.name for f in dataclasses.fields(ServeConfig) if f.name in _CONFIG and f.type in (int, "int")))
 _FLOAT = ("num_cpus", "num_gpus", "check_interval",
@@ -403,8 +411,8 @@ def build_app(args: Mapping[str, Any]) -> "serve.Application":
     negative: never reload a changed adapter folder), and the batcher's
     batching, max_wait_ms, max_batch_texts, max_batch_tokens, max_queue,
     max_queue_wait_s, timeout_s, load_share, retry_after_s, max_items,
-    max_chars, max_text_wordpieces, and the pool's storage_dtype (as
-    ``ServeConfig``).
+    max_chars, max_text_wordpieces, the pool's storage_dtype and the
+    replica's gc_freeze_s (as ``ServeConfig``).
     """
     opts: Dict[str, Any] = dict(args)  # one parameter: Serve's rule for application builders
     if "adapters_dir" not in opts:

@@ -36,6 +36,7 @@ from ..model.adapter import STORAGE_DTYPES
 from ..pipeline.half_storage import halve
 from ..pipeline.transformer_model import find_adapter_layers
 from . import registry_cache
+from .gc_pauses import untie
 
 # Loads of one folder that may each see it change (rewritten in place) before
 # the pool gives up with PT-E052 (AdapterPool._consistent_load).
@@ -357,6 +358,9 @@ class AdapterPool:
                         adapter.compact(self.storage_dtype)
                     if self.storage_dtype is not None and adapters:  # our components' word features only
                         halve(pipe.model)
+            # No reference cycle left: an evicted pipeline is freed by
+            # refcounting, frozen (serve's Freezer) or not (gc_pauses.py).
+            untie(nlp)
             size = resident_bytes(nlp)
             if self.max_resident_bytes is not None and size > self.max_resident_bytes:
                 raise AdapterLoadFailed(Errors.E050.format(

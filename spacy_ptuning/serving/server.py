@@ -163,7 +163,11 @@ class _PoolCollector:
 
 
 class _GcCollector:
-    """The cycle collector's pauses (gc_pauses.py), read at each scrape."""
+    """The cycle collector's pauses and the frozen objects (gc_pauses.py),
+    read at each scrape."""
+
+    def __init__(self, freezer: Optional[gc_pauses.Freezer]):
+        self.freezer = freezer
 
     def collect(self):
         seconds = CounterMetricFamily("ptuning_gc_seconds", "Seconds the cycle collector ran, by generation", labels=["generation"])
@@ -176,6 +180,9 @@ class _GcCollector:
         yield seconds
         yield count
         yield longest
+        yield GaugeMetricFamily("ptuning_gc_frozen_objects", "Objects frozen out of the cycle collector (--gc-freeze-interval)", value=gc_pauses.frozen())
+        if self.freezer is not None:
+            yield CounterMetricFamily("ptuning_gc_freezes", "Freezes after adapter loads", value=self.freezer.freezes)
 
 
 class _BudgetCollector:
@@ -194,7 +201,8 @@ class _BudgetCollector:
 class _Metrics:
     """Prometheus metrics; the batcher's observer."""
 
-    def __init__(self, pool: AdapterPool, batcher_pending, load_budget: LoadBudget) -> None:
+    def __init__(self, pool: AdapterPool, batcher_pending, load_budget: LoadBudget,
+                 freezer: Optional[gc_pauses.Freezer] = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -249,7 +257,7 @@ class _Metrics:
         r.register(_PoolCollector(pool))
         r.register(_BudgetCollector(load_budget))
         gc_pauses.install()
-        r.register(_GcCollector())
+        r.register(_GcCollector(freezer))
 
     # the batcher's observer
     def batch(self, texts: List[Tuple[str, Any]], seconds: float, stats) -> None:
@@ -388,7 +396,12 @@ class _State:
         # Loads for requests and batches take turns, the loads at most
         # config.load_share of the time while a batch waits (load_budget.py).
         self.load_budget = LoadBudget(config.load_share)
-        self.metrics = _Metrics(pool, lambda: self.batcher.pending, self.load_budget)
+        # After loads, what the process holds is frozen out of the cycle
+        # collector, so that its full collections do not walk every resident
+        # adapter (gc_pauses.py); started with the app, and once after the
+        # preloads.
+        self.freezer = gc_pauses.Freezer(lambda: pool.stats["loads"] + pool.stats["reloads"], config.gc_freeze_s)
+        self.metrics = _Metrics(pool, lambda: self.batcher.pending, self.load_budget, self.freezer)
         self.batcher: Batcher = pipeline_batcher(config, self.metrics, self.load_budget)
         self.closing = False  # draining or stopping: /ready answers 503
         self.preloaded = threading.Event()
@@ -424,6 +437,8 @@ class _State:
                 except Exception as e:
                     self.preload_errors[name] = public_message(e)
                     logger.error("could not preload adapter %r: %s", name, e)
+            if names and self.config.gc_freeze_s > 0:
+                self.freezer.freeze()  # before /ready: the one long collection, while no request waits
         finally:
             self.preloaded.set()
 
@@ -496,8 +511,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.batcher.start()
+        state.freezer.start()
         threading.Thread(target=state.preload, name="spacy-ptuning-preload", daemon=True).start()
         yield
+        state.freezer.stop()
         # uvicorn has stopped accepting connections and answered the requests
         # in flight; anything still queued is finished before the worker stops.
         state.closing = True
