@@ -30,6 +30,10 @@ measure). Writes bench/results/serve_tenants_*.json/.md.
 
     python bench/serve_tenants.py [--tenants 1,10,100,1000] [--seconds 30] [--traffic uniform,zipf]
 
+``--variants 'freeze=;no-freeze=--gc-freeze-interval 0'``: each N served
+once per variant (its extra server arguments), side by side in one table;
+the one-adapter baselines use ``--server-args`` alone.
+
 The copies go to bench/results/tenant_adapters/ (git-ignored; about 1.4 MB
 an adapter) and are deleted at the end unless --keep.
 """
@@ -136,6 +140,7 @@ def measure(server: Server, tasks: Dict[str, str], texts: Dict[str, list], traff
         "gc2_collections": gc_after.get(full("collections_total"), 0) - gc_before.get(full("collections_total"), 0),
         "gc2_seconds": gc_after.get(full("seconds_total"), 0) - gc_before.get(full("seconds_total"), 0),
         "gc2_longest_s": gc_after.get(full("longest_seconds"), 0),
+        "frozen_objects": gc_after.get("ptuning_gc_frozen_objects", 0),
         "latencies": run["latencies"],
     }
 
@@ -198,10 +203,14 @@ def main() -> None:
     p.add_argument("--out-dir", type=Path, default=common.RESULTS)
     p.add_argument("--keep", action="store_true", help="keep the adapter copies")
     p.add_argument("--server-args", default="")
+    p.add_argument("--variants", default="",
+                   help="serve each N once per variant, 'label=extra server args' separated by ';' "
+                        "(e.g. 'freeze=;no-freeze=--gc-freeze-interval 0'); default: one, --server-args alone")
     p.add_argument("--baseline", choices=("kinds", "first"), default="kinds",
                    help="retention against one-adapter servers of each kind, share-matched to the traffic "
                         "(kinds), or against the first --tenants row alone (first)")
     args = p.parse_args()
+    variants = [tuple(v.split("=", 1)) if "=" in v else (v, "") for v in args.variants.split(";") if v.strip()] or [("", "")]
 
     texts = tenant_texts(args.data_dir)
     base = build_adapters(args.out_dir / "serve_adapters", args.data_dir, False)["ptuning"]
@@ -220,15 +229,15 @@ def main() -> None:
             shutil.rmtree(folder, ignore_errors=True)
             tasks = make_tenants(base, folder, n)
             made = time.perf_counter() - t0
-            for mode in args.modes.split(","):
-                server = Server(folder, load_test_args(mode, n, "all") + args.server_args.split())
+            for mode, (variant, extra) in [(m, v) for m in args.modes.split(",") for v in variants]:
+                server = Server(folder, load_test_args(mode, n, "all") + args.server_args.split() + extra.split())
                 try:
                     t1 = time.perf_counter()
                     server.wait_ready(timeout=3600)
                     ready = time.perf_counter() - t1
                     for traffic in args.traffic.split(","):
                         rows.append(measure(server, tasks, texts, traffic, args) | {
-                            "tenants": n, "mode": mode, "traffic": traffic, "ready_s": ready, "made_s": made})
+                            "tenants": n, "mode": mode, "variant": variant, "traffic": traffic, "ready_s": ready, "made_s": made})
                         if alone:
                             rows[-1]["baseline"] = matched_baseline(alone[mode], tasks, traffic)
                         print(json.dumps({k: v for k, v in rows[-1].items() if k != "latencies"}), flush=True)
@@ -238,7 +247,8 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
     for row in rows:
-        one = next((r for r in rows if r["tenants"] == counts[0] and r["mode"] == row["mode"] and r["traffic"] == row["traffic"]), None)
+        one = next((r for r in rows if r["tenants"] == counts[0] and r["mode"] == row["mode"] and r["traffic"] == row["traffic"]
+                    and r["variant"] == row["variant"]), None)
         ref = row.get("baseline") or one
         row["retention"] = row["docs_per_s"] / ref["docs_per_s"] if ref and ref["docs_per_s"] else None
         row["p95_vs_one"] = row["p95_ms"] / ref["p95_ms"] if ref and ref["p95_ms"] else None
@@ -251,13 +261,15 @@ def main() -> None:
         lines += [f"| {mode} | {kind} | {f(r['docs_per_s'])} | {f(r['p50_ms'])} | {f(r['p95_ms'])} | {r['errors'] or 0} |"
                   for mode, kinds in alone.items() for kind, r in kinds.items()]
         lines += ["", "Retention = docs/s / the baseline's docs/s for the same traffic (share-matched over the kinds).", ""]
-    lines += ["| tenants | mode | traffic | docs/s | baseline docs/s | retention | p50 ms | p95 ms | p95 / baseline | errors | RSS MB | MB per extra tenant | ready s | full GCs in the run: count, s |",
-              "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+    lines += ["| tenants | mode | variant | traffic | docs/s | baseline docs/s | retention | p50 ms | p95 ms | p95 / baseline | errors | RSS MB | MB per extra tenant | ready s | full GCs in the run: count, s | frozen objects |",
+              "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        ref = r.get("baseline") or next((o for o in rows if o["tenants"] == counts[0] and o["mode"] == r["mode"] and o["traffic"] == r["traffic"]), {})
-        lines.append(f"| {r['tenants']:,} | {r['mode']} | {r['traffic']} | {f(r['docs_per_s'])} | {f(ref.get('docs_per_s'))} | {f(r['retention'], 2)} | "
+        ref = r.get("baseline") or next((o for o in rows if o["tenants"] == counts[0] and o["mode"] == r["mode"] and o["traffic"] == r["traffic"]
+                                         and o["variant"] == r["variant"]), {})
+        lines.append(f"| {r['tenants']:,} | {r['mode']} | {r['variant'] or '-'} | {r['traffic']} | {f(r['docs_per_s'])} | {f(ref.get('docs_per_s'))} | {f(r['retention'], 2)} | "
                      f"{f(r['p50_ms'])} | {f(r['p95_ms'])} | {f(r['p95_vs_one'], 2)} | {r['errors'] or 0} | {f(r['rss_mb'], 0)} | "
-                     f"{f(r['rss_per_tenant_mb'], 2)} | {f(r['ready_s'])} | {r.get('gc2_collections', 0):.0f}, {r.get('gc2_seconds', 0):.2f} |")
+                     f"{f(r['rss_per_tenant_mb'], 2)} | {f(r['ready_s'])} | {r.get('gc2_collections', 0):.0f}, {r.get('gc2_seconds', 0):.2f} | "
+                     f"{r.get('frozen_objects', 0):,.0f} |")
     info = common.machine_info()
     table = "\n".join(lines)
     footer = (f"\n\nMachine: {info}; load average at start {load_start}, at end {os.getloadavg()}; "
