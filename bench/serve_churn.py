@@ -60,19 +60,20 @@ async def traffic(url: str, tasks: Dict[str, str], texts, args) -> List[dict]:
         while time.perf_counter() < end and len(records) < args.max_requests:
             name = rng.choices(order, weights)[0]
             text = rng.choice(texts[tasks[name]])
-            start, tries = time.perf_counter(), 0
+            start, tries, loads = time.perf_counter(), 0, 0
             while True:
                 tries += 1
                 try:
                     r = await http.post(f"{url}/adapters/{name}/process", json={"texts": [text]})
                     code, detail, retry = r.status_code, ("" if r.status_code == 200 else r.text[:300]), r.headers.get("retry-after")
+                    loads = max(loads, int(r.headers.get("x-adapter-loads", 0)))
                 except httpx.HTTPError as e:
                     code, detail, retry = type(e).__name__, str(e)[:300], None
                 if code != 503 or retry is None or time.perf_counter() - start + float(retry) > args.retry_for:
                     break
                 await asyncio.sleep(float(retry))
             records.append({"name": name, "code": code, "latency": time.perf_counter() - start, "tries": tries,
-                            "detail": detail})
+                            "detail": detail, "cold": loads > 0})
 
     async with httpx.AsyncClient(timeout=args.retry_for + 60, limits=limits) as http:
         await asyncio.gather(*(client(k, http) for k in range(args.clients)))
@@ -141,11 +142,18 @@ def main() -> None:
         counts[outcome(r, set(broken))] = counts.get(outcome(r, set(broken)), 0) + 1
     lost = [r for r in records if outcome(r, set(broken)) == "lost"]
     ok = [r["latency"] for r in records if r["code"] == 200]
+    # Warm: every adapter resident when the request arrived; cold: it waited
+    # for a load (the server's X-Adapter-Loads header).
+    warm = [r["latency"] for r in records if r["code"] == 200 and not r["cold"]]
+    cold = [r["latency"] for r in records if r["code"] == 200 and r["cold"]]
     delta = lambda key: metric(after, key) - metric(before, key)  # noqa: E731
     asked_broken = sorted({r["name"] for r in records if r["name"] in broken})
     row = {
         "requests": len(records), "seconds": seconds, "docs_per_s": len(ok) / seconds,
         "p50_ms": 1000 * percentile(ok, 50), "p95_ms": 1000 * percentile(ok, 95), "p99_ms": 1000 * percentile(ok, 99),
+        "warm": len(warm), "cold": len(cold),
+        "warm_p50_ms": 1000 * percentile(warm, 50), "warm_p95_ms": 1000 * percentile(warm, 95),
+        "cold_p50_ms": 1000 * percentile(cold, 50), "cold_p95_ms": 1000 * percentile(cold, 95),
         "outcomes": counts, "lost": len(lost), "lost_examples": lost[:5],
         "retried": sum(r["tries"] > 1 for r in records),
         "adapters_asked": len({r["name"] for r in records}), "broken_asked": len(asked_broken),
@@ -162,6 +170,11 @@ def main() -> None:
         f"{f(row['p50_ms'])} / {f(row['p95_ms'])} / {f(row['p99_ms'])} | {counts.get('answered', 0):,} | "
         f"{counts.get('broken, own error', 0):,} ({len(asked_broken)} adapters) | {counts.get('refused (503 after retries)', 0):,} | "
         f"**{len(lost)}** | {row['adapters_asked']:,} | {f(row['loads'])} | {f(row['evictions'])} | {f(rss)} |",
+        "",
+        "| answered | count | p50 ms | p95 ms |",
+        "| --- | ---: | ---: | ---: |",
+        f"| warm (all adapters resident on arrival) | {len(warm):,} | {f(row['warm_p50_ms'])} | {f(row['warm_p95_ms'])} |",
+        f"| cold (waited for a load) | {len(cold):,} | {f(row['cold_p50_ms'])} | {f(row['cold_p95_ms'])} |",
     ])
     footer = (f"\n\nMachine: {common.machine_info()}; load average at start {load_start}, at end {os.getloadavg()}; "
               f"Zipf s={args.zipf} over all {args.on_disk + args.corrupt} names, {args.clients} clients, {seconds:.0f} s, "

@@ -331,6 +331,22 @@ def test_evictions_beyond_max_loaded(adapters_dir):
         assert _metric(client, "ptuning_adapter_loads_total") == 3
 
 
+def test_x_adapter_loads_says_how_many_adapters_a_request_waited_to_load(adapters_dir):
+    app = _app(adapters_dir, max_loaded=8)
+    with running(app) as (url, _), httpx.Client(base_url=url, timeout=20) as client:
+        def loads(path, body):
+            r = client.post(path, json=body)
+            assert r.status_code == 200, r.text
+            return r.headers["x-adapter-loads"]
+
+        assert loads("/adapters/ner/process", {"texts": ["alice"]}) == "1"  # nothing preloaded
+        assert loads("/adapters/ner/process", {"texts": ["alice"]}) == "0"
+        two = [{"adapter": "sentiment", "text": "a good film"}, {"adapter": "topics", "text": "bob"}, {"adapter": "ner", "text": "carol"}]
+        assert loads("/process", {"items": two}) == "2"  # sentiment and topics were not loaded, ner was
+        assert loads("/process", {"items": two}) == "0"
+        assert "x-adapter-loads" not in client.get("/adapters").headers
+
+
 class _GatedPool(AdapterPool):
     """A pool whose loads of the ``gated`` adapters wait until released."""
 

@@ -315,7 +315,11 @@ class _Middleware:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 message = dict(message)
-                message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", request_id.encode())]
+                headers = list(message.get("headers", [])) + [(b"x-request-id", request_id.encode())]
+                loads = scope["state"].get("access", {}).get("loads")
+                if loads is not None:  # an inference request: how many of its adapters it waited to load
+                    headers.append((b"x-adapter-loads", str(loads).encode()))
+                message["headers"] = headers
             await send(message)
 
         config = self.state.config
@@ -711,6 +715,7 @@ async def _answer(
                 except (UnknownAdapter, InvalidAdapterName) as e:
                     raise request_error(e)
             cold = len(cold_names)
+            request.scope["state"]["access"]["loads"] = cold  # X-Adapter-Loads, the access log
             if cold:  # refuse at once what could not be loaded in half the timeout (the pace of loads varies)
                 try:
                     state.load_budget.admit(cold, 0.5 * config.timeout_s)
