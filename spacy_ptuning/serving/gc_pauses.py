@@ -8,8 +8,8 @@ collections (:class:`Freezer`).
 Why: a server holding 10,000 resident adapters holds about 4 million
 Python objects (about 400 an adapter, ``bench/adapter_memory.py``), and a
 collection of the oldest generation walks all of them while every request
-waits: 3.5 s at 10,000 (bench/RESULTS.md), a pause that no latency
-percentile of one batch shows, but that the throughput of a whole run does.
+waits: 3.3-3.5 s at 10,000 (bench/RESULTS.md), a stop that no batch's
+latency shows and that every request in flight waits out.
 prometheus_client's own ``GCCollector`` counts collections and objects; it
 does not time them, which is what an operator needs to see such a stall.
 Timed with ``gc.callbacks``: one process-wide callback, installed once
