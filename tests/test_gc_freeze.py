@@ -89,27 +89,18 @@ def test_the_freezer_freezes_after_loads_only_and_never_freezes_garbage(unfrozen
     assert not freezer.poll()
 
 
-def test_the_server_freezes_after_its_preloads(tiny_bert, tmp_path, unfrozen):
+@pytest.mark.parametrize("interval,freezes", [(60, 1), (0, 0)])
+def test_the_server_freezes_after_its_preloads_unless_told_not_to(tiny_bert, tmp_path, unfrozen, interval, freezes):
     pipeline(tiny_bert, "ptuning_ner", "prefix", 4, 1).to_disk(tmp_path / "a")
     gc.unfreeze()
-    app = create_app(AdapterPool(tmp_path, check_interval=None), ServeConfig(preload=["a"], gc_freeze_s=60))
+    app = create_app(AdapterPool(tmp_path, check_interval=None), ServeConfig(preload=["a"], gc_freeze_s=interval))
     with TestClient(app) as client:
-        app.state.ptuning.preloaded.wait(120)
-        metrics = client.get("/metrics").text
-    freezes = [line for line in metrics.splitlines() if line.startswith("ptuning_gc_freezes_total")]
-    frozen = [line for line in metrics.splitlines() if line.startswith("ptuning_gc_frozen_objects")]
-    assert freezes == ["ptuning_gc_freezes_total 1.0"]
-    assert float(frozen[0].split()[1]) > 0
-
-
-def test_a_server_without_freezing(tiny_bert, tmp_path, unfrozen):
-    pipeline(tiny_bert, "ptuning_ner", "prefix", 4, 1).to_disk(tmp_path / "a")
-    gc.unfreeze()
-    app = create_app(AdapterPool(tmp_path, check_interval=None), ServeConfig(preload=["a"], gc_freeze_s=0))
-    with TestClient(app) as client:
-        app.state.ptuning.preloaded.wait(120)
+        assert app.state.ptuning.preloaded.wait(120)
         assert client.post("/adapters/a/process", json={"texts": ["alice visited paris"]}).status_code == 200
-    assert gc.get_freeze_count() == 0 and app.state.ptuning.freezer.freezes == 0
+        metrics = dict(line.rsplit(" ", 1) for line in client.get("/metrics").text.splitlines() if line.startswith("ptuning_gc_f"))
+    assert float(metrics["ptuning_gc_freezes_total"]) == freezes  # the one after the preloads; the thread waits 60 s
+    assert (float(metrics["ptuning_gc_frozen_objects"]) > 0) == bool(freezes)
+    assert (gc.get_freeze_count() > 0) == bool(freezes)
 
 
 def test_a_negative_freeze_interval_is_refused():
