@@ -146,7 +146,7 @@ class PTuningDeployment:
         # A replica is a process of its own: after loads, its objects are
         # frozen out of the cycle collector, as in our server (gc_pauses.py).
         pool = self.pool  # not self: the thread must not keep the replica alive
-        self.freezer = Freezer(lambda: pool.stats["loads"] + pool.stats["reloads"], self.config.gc_freeze_s)
+        self.freezer = Freezer(lambda: pool.loads_done, self.config.gc_freeze_s)
         self.freezer.start()
         # Loads on two threads of their own (as server.py: fewer malloc arenas).
         self.loader = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="spacy-ptuning-loader")
@@ -222,7 +222,7 @@ class PTuningDeployment:
             job.cancelled = True
             raise
         out["loaded"] = self.pool.loaded
-        out["loads"] = self.pool.stats["loads"] + self.pool.stats["reloads"]
+        out["loads"] = self.pool.loads_done
         out["results"] = results
         return out
 

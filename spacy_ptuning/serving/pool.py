@@ -503,6 +503,11 @@ class AdapterPool:
                 self.stats["evictions"] += 1
 
     @property
+    def loads_done(self) -> int:
+        """Successful loads and reloads so far (a Freezer's ``changes``)."""
+        return self.stats["loads"] + self.stats["reloads"]
+
+    @property
     def loaded(self) -> List[str]:
         with self._lock:
             return list(self._loaded)

@@ -404,7 +404,7 @@ class _State:
         # collector, so that its full collections do not walk every resident
         # adapter (gc_pauses.py); started with the app, and once after the
         # preloads.
-        self.freezer = gc_pauses.Freezer(lambda: pool.stats["loads"] + pool.stats["reloads"], config.gc_freeze_s)
+        self.freezer = gc_pauses.Freezer(lambda: pool.loads_done, config.gc_freeze_s)
         self.metrics = _Metrics(pool, lambda: self.batcher.pending, self.load_budget, self.freezer)
         self.batcher: Batcher = pipeline_batcher(config, self.metrics, self.load_budget)
         self.closing = False  # draining or stopping: /ready answers 503
