@@ -61,7 +61,7 @@ class SpacySystem:
                 "training.seed": cfg["seed"], "system.seed": cfg["seed"],
                 **{f"{tok2vec}.{k}": cfg[k] for k in ("prefix_projection", "dtype") if k in cfg},
                 **common.v2_overrides(tok2vec, cfg),
-            }, cfg["seed"], cfg.get("textcat_head"))
+            }, cfg["seed"], cfg.get("head"))
             self.dropout = T["dropout"]
             oc = config["training"]["optimizer"]
             self.opt_settings = {k: oc[k] for k in ("beta1", "beta2", "L2", "grad_clip", "eps", "L2_is_weight_decay")}

@@ -28,6 +28,7 @@ from .model.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
 from .pipeline.architectures import ptuning_transformer_v1, ptuning_transformer_v2
 from .pipeline.components import (
     make_ptuning_ner,
+    make_ptuning_ner_tagger,
     make_ptuning_textcat,
     make_ptuning_textcat_multilabel,
     trainable_summary,
@@ -43,6 +44,7 @@ __all__ = [
     "get_adapter",
     "load_backbone",
     "make_ptuning_ner",
+    "make_ptuning_ner_tagger",
     "make_ptuning_textcat",
     "make_ptuning_textcat_multilabel",
     "ptuning_transformer_v1",

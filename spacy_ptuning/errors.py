@@ -236,6 +236,29 @@ class Errors(metaclass=ErrorsWithCodes):
         "word-feature tables in half the bytes), or leave it unset to hold them "
         "as computed."
     )
+    E055 = (
+        "The entity tagger '{name}' cannot take the label {label}: an entity "
+        "label is a non-empty string without leading or trailing spaces. Fix "
+        "the label in the training data or in [initialize.components.{name}.labels]."
+    )
+    E056 = (
+        "The entity tagger '{name}' is already initialised with the labels "
+        "{labels}, and its softmax cannot grow. Add every label before "
+        "nlp.initialize() (or list them in [initialize.components.{name}.labels]), "
+        "or train a new component."
+    )
+    E057 = (
+        "The entity tagger '{name}' found no entity in its initialisation "
+        "examples, so it has no label to learn. Check that the training corpus "
+        "has entities (doc.ents), or give the labels in "
+        "[initialize.components.{name}.labels]."
+    )
+    E058 = (
+        "The entity tagger '{name}' was given the gold tags {tags}, whose "
+        "entity types are not among its labels {labels}. Initialise it on data "
+        "that has every type (or list them in "
+        "[initialize.components.{name}.labels]), or remove those entities."
+    )
 
 
 def errors_table() -> str:

@@ -31,7 +31,8 @@ def _write_corpus(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("config,components,cli", [
-    ("ner.cfg", ["ner"], False), ("textcat.cfg", ["textcat"], False), ("multitask.cfg", ["ner", "textcat"], True),
+    ("ner.cfg", ["ner"], False), ("ner_tagger.cfg", ["ner"], False), ("textcat.cfg", ["textcat"], False),
+    ("multitask.cfg", ["ner", "textcat"], True),
 ])
 def test_spacy_train(tiny_bert, tmp_path, capsys, config, components, cli):
     """Each shipped config trains; one of them through the `spacy train` CLI
@@ -66,7 +67,7 @@ def test_spacy_train(tiny_bert, tmp_path, capsys, config, components, cli):
         assert set(doc.cats) == {"POS", "NEG"}
 
 
-@pytest.mark.parametrize("config", ["ner.cfg", "textcat.cfg", "multitask.cfg"])
+@pytest.mark.parametrize("config", ["ner.cfg", "ner_tagger.cfg", "textcat.cfg", "multitask.cfg"])
 def test_factory_defaults_are_the_shipped_configs(config):
     """`nlp.add_pipe("ptuning_ner")` builds what the shipped config trains:
     every setting the factory's default model names (prompt length, method,

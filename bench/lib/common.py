@@ -67,9 +67,12 @@ VARIANT_KEYS = {"n": "num_virtual_tokens", "lr": "lr", "proj": "prefix_projectio
                 # PTuningTransformer.v2: mix of the last K hidden states; word features of width W
                 "mix": "layer_mix", "words": "word_features",
                 # text classifier head: mean (TextCatReduce.v1), meanmax (its mean and max),
-                # attn (TextCatAttention.v1, the default), attnH (the same, hidden layer of H)
-                "head": "textcat_head"}
+                # attn (TextCatAttention.v1, the default), attnH (the same, hidden layer of H);
+                # NER head: parser (ptuning_ner, transition-based, the default) or tagger
+                # (ptuning_ner_tagger: BILUO softmax per token, Viterbi decoding)
+                "head": "head"}
 HEADS = ("mean", "meanmax", "attn")
+NER_HEADS = ("parser", "tagger")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 OURS = ("prefix", "prompt_encoder", "prompt")
 
@@ -90,8 +93,9 @@ def parse_system(name: str) -> Tuple[str, Dict[str, Union[float, str]]]:
             raise ValueError(f"{name!r}: {key} does not apply to {base}")
         if key == "dtype" and value not in DTYPES:
             raise ValueError(f"{name!r}: dtype is one of {', '.join(DTYPES)}")
-        if key == "head" and not (value in HEADS or (value.startswith("attn") and value[4:].isdigit())):
-            raise ValueError(f"{name!r}: head is one of {', '.join(HEADS)} or attnH (H: hidden width)")
+        if key == "head" and not (value in HEADS + NER_HEADS or (value.startswith("attn") and value[4:].isdigit())):
+            raise ValueError(f"{name!r}: head is one of {', '.join(HEADS)} or attnH (H: hidden width) for a "
+                             f"text classifier, {' or '.join(NER_HEADS)} for NER")
         settings[VARIANT_KEYS[key]] = value if key in ("dtype", "head") else float(value) if key == "lr" else int(value)
     return base, settings
 
@@ -278,9 +282,21 @@ def set_textcat_head(model: dict, head: str) -> None:
     model.update(keep)
 
 
-def load_pipeline(config_path: Path, overrides: dict, seed: int, textcat_head: Optional[str] = None):
+def set_ner_head(block: dict, head: str) -> None:
+    """Make an NER [components.ner] block (a config dict) use ``head``:
+    "parser" (ptuning_ner, as the configs ship) or "tagger"
+    (ptuning_ner_tagger with spaCy's Tagger.v2), keeping its tok2vec."""
+    if head == "parser":
+        return
+    tok2vec = block["model"]["tok2vec"]
+    block.clear()
+    block.update({"factory": "ptuning_ner_tagger", "scorer": {"@scorers": "spacy.ner_scorer.v1"},
+                  "model": {"@architectures": "spacy.Tagger.v2", "nO": None, "normalize": False, "tok2vec": tok2vec}})
+
+
+def load_pipeline(config_path: Path, overrides: dict, seed: int, head: Optional[str] = None):
     """A blank pipeline from a training config with ``overrides`` (and the
-    text classifier's head replaced, if ``textcat_head``); returns the nlp,
+    text classifier's or NER's head replaced, if ``head``); returns the nlp,
     the interpolated config and the resolved [training] block."""
     import spacy  # noqa: F401  (registers everything)
     import spacy_ptuning  # noqa: F401  (registers the factories/architectures)
@@ -288,10 +304,16 @@ def load_pipeline(config_path: Path, overrides: dict, seed: int, textcat_head: O
     from spacy.schemas import ConfigSchemaTraining
 
     config = util.load_config(config_path, overrides=overrides, interpolate=False)
-    if textcat_head is not None:
-        if "textcat" not in config["components"]:
-            sys.exit(f"error: head={textcat_head} is a text classifier's head; {config_path} has no textcat")
-        set_textcat_head(config["components"]["textcat"]["model"], textcat_head)
+    if head is not None:
+        components = config["components"]
+        if head in NER_HEADS:
+            if "ner" not in components:
+                sys.exit(f"error: head={head} is an NER head; {config_path} has no ner")
+            set_ner_head(components["ner"], head)
+        elif "textcat" not in components:
+            sys.exit(f"error: head={head} is a text classifier's head; {config_path} has no textcat")
+        else:
+            set_textcat_head(components["textcat"]["model"], head)
     util.fix_random_seed(seed)
     nlp = util.load_model_from_config(config, auto_fill=True, validate=True)
     config = nlp.config.interpolate()

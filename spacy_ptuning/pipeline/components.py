@@ -11,6 +11,7 @@ from thinc.api import Config, Model
 
 from ..errors import AdapterError, Errors, PTuningError
 from ..model.serialization import check_saved_backbone
+from .entity_tagger import EntityTagger
 from .transformer_model import get_adapter
 
 
@@ -72,6 +73,18 @@ hidden_width = 64
 maxout_pieces = 2
 use_upper = false
 nO = null
+"""
+    + _v2_with_words(64, STRIDED_SPANS)
+)["model"]
+
+# Entities by token tagging (pipeline/entity_tagger.py): spaCy's Tagger.v2
+# (a softmax per token) over the same tok2vec as the transition-based NER.
+DEFAULT_NER_TAGGER_MODEL = Config().from_str(
+    """
+[model]
+@architectures = "spacy.Tagger.v2"
+nO = null
+normalize = false
 """
     + _v2_with_words(64, STRIDED_SPANS)
 )["model"]
@@ -189,6 +202,14 @@ class PTuningEntityRecognizer(_AdapterLoading, EntityRecognizer):
         _announce(self)
 
 
+class PTuningEntityTagger(_AdapterLoading, EntityTagger):
+    """Named entities by BILUO token tagging over a P-tuned frozen transformer."""
+
+    def initialize(self, get_examples: Callable[[], Iterable[Example]], *, nlp=None, labels=None):
+        super().initialize(get_examples, nlp=nlp, labels=labels)
+        _announce(self)
+
+
 class PTuningTextCategorizer(_AdapterLoading, TextCategorizer):
     """spaCy's TextCategorizer over a P-tuned frozen transformer."""
 
@@ -236,6 +257,25 @@ def make_ptuning_ner(
         incorrect_spans_key=incorrect_spans_key,
         scorer=scorer,
     )
+
+
+@Language.factory(
+    "ptuning_ner_tagger",
+    assigns=["doc.ents", "token.ent_iob", "token.ent_type"],
+    default_config={
+        "model": DEFAULT_NER_TAGGER_MODEL,
+        "scorer": {"@scorers": "spacy.ner_scorer.v1"},
+    },
+    default_score_weights={"ents_f": 1.0, "ents_p": 0.0, "ents_r": 0.0, "ents_per_type": None},
+)
+def make_ptuning_ner_tagger(
+    nlp: Language, name: str, model: Model, scorer: Optional[Callable]
+) -> PTuningEntityTagger:
+    """Named entity recognizer that tags tokens (BILUO, softmax, valid
+    sequences by Viterbi) on a P-tuned frozen transformer: the P-Tuning v2
+    paper's sequence-labelling head, beside ``ptuning_ner``'s
+    transition-based one."""
+    return PTuningEntityTagger(nlp.vocab, model, name, scorer=scorer)
 
 
 @Language.factory(

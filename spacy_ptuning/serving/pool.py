@@ -44,6 +44,7 @@ LOAD_ATTEMPTS = 3
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 TASKS = {
     "ptuning_ner": "ner",
+    "ptuning_ner_tagger": "ner",
     "ptuning_textcat": "textcat",
     "ptuning_textcat_multilabel": "textcat_multilabel",
 }
