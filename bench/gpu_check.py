@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """GPU check: train P-Tuning v2 NER on the MiniLM backbone in float32 and with
-a bfloat16 and a float16 backbone, report training and inference words/s and
+a bfloat16 and a float16 backbone, and with the token-tagging head
+(ptuning_ner_tagger) in float32; report training and inference words/s and
 peak GPU memory, load the float32-trained adapter onto the half-precision
-backbones, and check that the trained model predicts the same on GPU as on CPU.
+backbones, and check that the trained models predict the same on GPU as on CPU.
 
     python bench/gpu_check.py [--backbone PATH] [--steps 300] [--device cuda]
 
@@ -36,10 +37,10 @@ def read_jsonl(nlp, path: Path):
     return examples
 
 
-def build(backbone: str, dtype: str):
+def build(backbone: str, dtype: str, factory: str = "ptuning_ner"):
     spacy.util.fix_random_seed(0)
     nlp = spacy.blank("en")
-    nlp.add_pipe("ptuning_ner", config={"model": {"tok2vec": {"backbone": backbone, "dtype": dtype}}})
+    nlp.add_pipe(factory, name="ptuning_ner", config={"model": {"tok2vec": {"backbone": backbone, "dtype": dtype}}})
     return nlp
 
 
@@ -101,9 +102,10 @@ def main() -> None:
     texts = [json.loads(line)["text"] for line in (ROOT / "assets/demo_ner_dev.jsonl").read_text().splitlines()[:64]]
     all_texts = [json.loads(line)["text"] for line in (ROOT / "assets/demo_ner_dev.jsonl").read_text().splitlines()]
     rows, trained, failures = [], {}, []
-    for dtype in ("float32", "bfloat16", "float16"):
+    for dtype, factory in (("float32", "ptuning_ner"), ("bfloat16", "ptuning_ner"), ("float16", "ptuning_ner"),
+                           ("float32, tagger head", "ptuning_ner_tagger")):
         try:
-            nlp = build(args.backbone, dtype)
+            nlp = build(args.backbone, dtype.split(",")[0], factory)
             examples = read_jsonl(nlp, ROOT / "assets/demo_ner_train.jsonl")
             wps, peak = train(nlp, examples, args.steps, args.batch_size, args.device)
             dev = read_jsonl(nlp, ROOT / "assets/demo_ner_dev.jsonl")
@@ -142,12 +144,18 @@ def main() -> None:
     # Same trained adapter, moved to the CPU: predictions must agree.
     gpu_vectors = vectors(trained["float32"], texts)
     gpu_ents = [[(e.start, e.end, e.label_) for e in d.ents] for d in trained["float32"].pipe(texts)]
+    tagger_ents = ents(trained["float32, tagger head"], texts) if "float32, tagger head" in trained else None
     data = trained["float32"].to_bytes()
     config = trained["float32"].config
     require_cpu()
     cpu_nlp = spacy.blank("en").from_config(config).from_bytes(data)
     cpu_vectors = vectors(cpu_nlp, texts)
     cpu_ents = [[(e.start, e.end, e.label_) for e in d.ents] for d in cpu_nlp.pipe(texts)]
+    tagger_same = None
+    if "float32, tagger head" in trained:
+        tagger = trained["float32, tagger head"]
+        cpu_tagger = spacy.blank("en").from_config(tagger.config).from_bytes(tagger.to_bytes())
+        tagger_same = sum(a == b for a, b in zip(tagger_ents, ents(cpu_tagger, texts))) / len(texts)
     max_diff = max(float(numpy.abs(a - b).max()) for a, b in zip(gpu_vectors, cpu_vectors))
     same_ents = sum(a == b for a, b in zip(gpu_ents, cpu_ents)) / len(texts)
 
@@ -166,7 +174,10 @@ def main() -> None:
         print(f"  each extra pipeline: {(memory[1][1] - memory[0][1]) / 4:.1f} MiB (backbone shared)")
     print(f"\n{args.device} vs CPU, same float32 adapter: max |vector diff| {max_diff:.2e}, "
           f"identical entities in {100 * same_ents:.0f} % of {len(texts)} texts")
-    ok = max_diff < 1e-3 and same_ents >= 0.95
+    if tagger_same is not None:
+        print(f"{args.device} vs CPU, same tagger-head adapter: identical entities in {100 * tagger_same:.0f} % "
+              f"of {len(texts)} texts")
+    ok = max_diff < 1e-3 and same_ents >= 0.95 and tagger_same is not None and tagger_same >= 0.95
     print("CHECK", "PASSED" if ok else "FAILED")
     sys.exit(0 if ok else 1)
 

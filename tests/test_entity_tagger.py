@@ -54,16 +54,21 @@ def _valid(tags):
 def test_decode_is_the_best_valid_sequence(n_labels):
     names = tag_names([f"T{k}" for k in range(n_labels)])
     rng = numpy.random.default_rng(n_labels)
-    for n_tokens in (1, 2, 3, 4):
-        sequences = [s for s in itertools.product(range(len(names)), repeat=n_tokens)
-                     if _valid([names[i] for i in s])]
-        for _ in range(25):
-            log_probs = _log_softmax(rng.normal(size=(n_tokens, len(names))) * 3)
-            totals = [log_probs[numpy.arange(n_tokens), list(s)].sum() for s in sequences]
-            got = decode(log_probs, n_labels)
+    valid = {n: [s for s in itertools.product(range(len(names)), repeat=n) if _valid([names[i] for i in s])]
+             for n in (1, 2, 3, 4)}
+    for _ in range(25):
+        # One batch of docs of different lengths (an empty one too): they are decoded together.
+        lengths = [4, 1, 0, 3, 2, 4]
+        batch = [_log_softmax(rng.normal(size=(n, len(names))) * 3) for n in lengths]
+        for log_probs, got in zip(batch, decode(batch, n_labels)):
+            n = len(log_probs)
+            assert got.shape == (n,)
+            if n == 0:
+                continue
+            totals = [log_probs[numpy.arange(n), list(s)].sum() for s in valid[n]]
             assert _valid([names[i] for i in got])
-            assert log_probs[numpy.arange(n_tokens), got].sum() == pytest.approx(max(totals), abs=1e-9)
-    assert decode(numpy.zeros((0, len(names))), n_labels).shape == (0,)
+            assert log_probs[numpy.arange(n), got].sum() == pytest.approx(max(totals), abs=1e-9)
+    assert decode([], n_labels) == []
 
 
 def _tagger(backbone, *, method="prefix", words=True, seed=0, steps=4, name="ner"):
@@ -115,7 +120,7 @@ def test_entities_are_the_decoded_softmax_of_the_vectors(tiny_bert):
     found = 0
     for text, x in zip(texts, vectors):
         logits = x @ W.T + b
-        tags = [names[i] for i in decode(_log_softmax(logits.astype("float64")), 3)]
+        tags = [names[i] for i in decode([_log_softmax(logits.astype("float64"))], 3)[0]]
         doc = nlp(text)
         want = [(s.start, s.end, s.label_) for s in spacy.training.biluo_tags_to_spans(doc, tags)]
         assert [(e.start, e.end, e.label_) for e in doc.ents] == want
@@ -194,9 +199,12 @@ def test_mixed_batches_and_the_pool_equal_each_pipeline_alone(tiny_bert, tmp_pat
     nlps[0].to_disk(tmp_path / "tagger")
     for storage in (None, "float16"):
         pool = AdapterPool(tmp_path, compact=True, storage_dtype=storage)
+        described = [pool.describe("tagger")["components"]]  # from the folder
         served = pool.get("tagger")
-        info = pool.describe("tagger")["components"]
-        assert [(c["factory"], c["task"], c["labels"]) for c in info] == [("ptuning_ner_tagger", "ner", ["LOC", "ORG", "PER"])]
+        described.append(pool.describe("tagger")["components"])  # from the loaded pipeline
+        for info in described:
+            assert [(c["factory"], c["task"], c["labels"]) for c in info] == [
+                ("ptuning_ner_tagger", "ner", ["LOC", "ORG", "PER"])]
         docs = run_items([(served, t) for t in texts])
         want = alone[id(nlps[0])] if storage is None else [[(e.start_char, e.end_char, e.label_) for e in d.ents]
                                                            for d in served.pipe(texts)]

@@ -65,26 +65,40 @@ def transitions(n_labels: int) -> Tuple[numpy.ndarray, numpy.ndarray, numpy.ndar
     return start, numpy.where(allowed, 0.0, -numpy.inf), end
 
 
-def decode(scores: numpy.ndarray, n_labels: int) -> numpy.ndarray:
-    """The tag ids of the valid BILUO sequence with the highest total score
-    (Viterbi), for one doc's ``(tokens, tags)`` scores: log-probabilities,
-    or the logits they come from (a token's normalisation adds the same
-    constant to every path, so the best path is the same)."""
-    n_tokens = scores.shape[0]
-    if n_tokens == 0:
-        return numpy.zeros((0,), dtype="int64")
+def decode(scores: Sequence[numpy.ndarray], n_labels: int) -> List[numpy.ndarray]:
+    """For each doc's ``(tokens, tags)`` scores, the tag ids of the valid
+    BILUO sequence with the highest total score (Viterbi). The scores are
+    log-probabilities or the logits they come from (a token's
+    normalisation adds the same constant to every path, so the best path is
+    the same). All docs step together, padded to the longest: a padded step
+    keeps each tag's best score and points back to the same tag."""
+    lengths = [len(s) for s in scores]
+    n_docs, width = len(scores), max(lengths, default=0)
+    out = [numpy.zeros((n,), dtype="int64") for n in lengths]
+    if width == 0:
+        return out
     start, step, end = transitions(n_labels)
-    best = start + scores[0]
-    back = numpy.zeros(scores.shape, dtype="int64")
-    for t in range(1, n_tokens):
-        candidates = best[:, None] + step  # [previous tag, tag]
-        back[t] = candidates.argmax(axis=0)
-        best = candidates.max(axis=0) + scores[t]
-    tags = numpy.zeros((n_tokens,), dtype="int64")
-    tags[-1] = int(numpy.argmax(best + end))
-    for t in range(n_tokens - 1, 0, -1):
-        tags[t - 1] = back[t, tags[t]]
-    return tags
+    n_tags = step.shape[0]
+    padded = numpy.zeros((n_docs, width, n_tags))
+    for d, doc_scores in enumerate(scores):
+        padded[d, : lengths[d]] = doc_scores
+    live = numpy.arange(width)[None, :] < numpy.asarray(lengths)[:, None]  # (docs, width)
+    stay = numpy.broadcast_to(numpy.arange(n_tags), (n_docs, n_tags))
+    best = start + padded[:, 0]
+    back = numpy.zeros((n_docs, width, n_tags), dtype="int32")
+    for t in range(1, width):
+        candidates = best[:, :, None] + step  # [doc, previous tag, tag]
+        moved = candidates.argmax(axis=1)
+        back[:, t] = numpy.where(live[:, t, None], moved, stay)
+        best = numpy.where(live[:, t, None], candidates.max(axis=1) + padded[:, t], best)
+    tags = numpy.zeros((n_docs, width), dtype="int64")
+    tags[:, -1] = numpy.argmax(best + end, axis=1)
+    rows = numpy.arange(n_docs)
+    for t in range(width - 1, 0, -1):
+        tags[:, t - 1] = back[rows, t, tags[:, t]]
+    for d, n in enumerate(lengths):
+        out[d] = tags[d, :n]
+    return out
 
 
 class EntityTagger(TrainablePipe):
@@ -148,12 +162,9 @@ class EntityTagger(TrainablePipe):
         if not any(len(doc) for doc in docs):
             return [numpy.zeros((0,), dtype="int64") for _ in docs]
         scores = self.model.predict(docs)
-        n_labels = len(self.labels)
-        out = []
-        for doc, doc_scores in zip(docs, scores):
-            doc_scores = self.model.ops.to_numpy(doc_scores).astype("float64")
-            out.append(decode(doc_scores, n_labels) if len(doc) else numpy.zeros((0,), dtype="int64"))
-        return out
+        to_numpy = self.model.ops.to_numpy
+        return decode([to_numpy(doc_scores)[: len(doc)].astype("float64") for doc, doc_scores in zip(docs, scores)],
+                      len(self.labels))
 
     def set_annotations(self, docs: Iterable[Doc], batch_tag_ids: Sequence[numpy.ndarray]) -> None:
         names = self.tag_names
