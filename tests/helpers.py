@@ -1,13 +1,14 @@
 """What several test modules share: one pipeline builder, the texts the
 serving tests send, and the comparison of a served doc with an in-process
 one. (Test modules import this, never each other.)"""
+import numpy
 import pytest
 import spacy
 import torch
 from spacy.training import Example
 from spacy.util import fix_random_seed
 
-from spacy_ptuning.pipeline.transformer_model import find_adapter_layers
+from spacy_ptuning.pipeline.transformer_model import find_adapter_layers, get_adapter
 
 TEXTS = [
     "alice visited paris today",
@@ -71,3 +72,23 @@ def assert_doc(got, doc):
     assert got["cats"].keys() == doc.cats.keys()
     for label, score in doc.cats.items():
         assert got["cats"][label] == pytest.approx(score, abs=1e-5)
+
+
+def assert_only_prompts_and_head_train(model, update, steps: int = 3):
+    """Call ``update()`` ``steps`` times: the backbone under ``model``'s
+    adapter stays bit-identical, while every prompt tensor and every thinc
+    parameter of ``model`` (the head, word features) moves."""
+    module = get_adapter(model)
+    frozen = {k: v.clone() for k, v in module.backbone.model.state_dict().items()}
+    prompts = {k: v.clone() for k, v in module.state_dict().items()}
+    heads = {(node.id, p): node.get_param(p).copy() for node in model.walk() for p in node.param_names
+             if node.has_param(p)}
+    for _ in range(steps):
+        update()
+    for k, v in module.backbone.model.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+    for k, v in module.state_dict().items():
+        assert not torch.equal(v, prompts[k]), k
+    nodes = {node.id: node for node in model.walk()}
+    for (node_id, p), before in heads.items():
+        assert not numpy.array_equal(nodes[node_id].get_param(p), before), (nodes[node_id].name, p)

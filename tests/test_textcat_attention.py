@@ -5,16 +5,14 @@ frozen, round-trips, and serves through mixed-adapter batches."""
 import numpy
 import pytest
 import spacy
-import torch
 from spacy.training import Example
 from spacy.util import fix_random_seed
 from thinc.api import Adam
 
-from spacy_ptuning import get_adapter
 from spacy_ptuning.errors import ConfigError
 from spacy_ptuning.serving.mixed_batch import pipe_mixed
 
-from .helpers import TEXTS
+from .helpers import TEXTS, assert_only_prompts_and_head_train
 
 DATA = [("a good film", "POS"), ("an awful plot", "NEG"), ("really great actor", "POS"),
         ("a terrible scene", "NEG"), ("nice story today , great", "POS"), ("poor movie", "NEG")]
@@ -99,21 +97,9 @@ def test_training_moves_prompts_query_and_head_not_the_backbone(tiny_bert):
     examples = [Example.from_dict(nlp.make_doc(t), {"cats": {"POS": float(lab == "POS"), "NEG": float(lab == "NEG")}})
                 for t, lab in DATA]
     nlp.initialize(lambda: examples)
-    model = nlp.get_pipe("ptuning_textcat").model
-    module = get_adapter(model)
-    frozen = {k: v.clone() for k, v in module.backbone.model.state_dict().items()}
-    prompts = {k: v.clone() for k, v in module.state_dict().items()}
-    heads = {(node.id, p): node.get_param(p).copy() for node in model.walk() for p in node.param_names if node.has_param(p)}
     optimizer = Adam(0.05)
-    for _ in range(3):
-        nlp.update(examples, sgd=optimizer)
-    for k, v in module.backbone.model.state_dict().items():
-        assert torch.equal(v, frozen[k]), k
-    for k, v in module.state_dict().items():
-        assert not torch.equal(v, prompts[k]), k
-    nodes = {node.id: node for node in model.walk()}
-    for (node_id, p), before in heads.items():
-        assert not numpy.array_equal(nodes[node_id].get_param(p), before), (nodes[node_id].name, p)
+    assert_only_prompts_and_head_train(nlp.get_pipe("ptuning_textcat").model,
+                                       lambda: nlp.update(examples, sgd=optimizer))
 
 
 def test_round_trips_and_serves_in_mixed_batches(tiny_bert, tmp_path):
