@@ -92,3 +92,13 @@ def assert_only_prompts_and_head_train(model, update, steps: int = 3):
     nodes = {node.id: node for node in model.walk()}
     for (node_id, p), before in heads.items():
         assert not numpy.array_equal(nodes[node_id].get_param(p), before), (nodes[node_id].name, p)
+
+
+def small_tok2vec(backbone, method: str = "prefix", words: bool = True) -> dict:
+    """A PTuningTransformer.v2 block of 3 virtual tokens in float32 over
+    ``backbone``, with word features of width 8 if ``words``."""
+    tok2vec = {"@architectures": "spacy_ptuning.PTuningTransformer.v2", "backbone": backbone,
+               "method": method, "num_virtual_tokens": 3, "dtype": "float32"}
+    if words:
+        tok2vec["word_features"] = {"@architectures": "spacy_ptuning.WordFeatures.v1", "width": 8}
+    return tok2vec

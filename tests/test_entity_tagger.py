@@ -19,7 +19,7 @@ from spacy_ptuning.pipeline.entity_tagger import decode, tag_names
 from spacy_ptuning.serving.mixed_batch import pipe_mixed, run_items
 from spacy_ptuning.serving.pool import AdapterPool
 
-from .helpers import TEXTS, assert_only_prompts_and_head_train, pipeline
+from .helpers import TEXTS, assert_only_prompts_and_head_train, pipeline, small_tok2vec
 
 DATA = [
     ("alice visited paris today", [(0, 5, "PER"), (14, 19, "LOC")]),
@@ -69,16 +69,13 @@ def test_decode_is_the_best_valid_sequence(n_labels):
     assert decode([], n_labels) == []
 
 
-def _tagger(backbone, *, method="prefix", words=True, seed=0, steps=4, name="ner"):
+def _tagger(backbone, *, method="prefix", words=True, seed=0, steps=4):
     """A tagger over ``backbone`` trained a few steps on DATA (prompts and
     softmax away from their initialisation)."""
     fix_random_seed(seed)
     nlp = spacy.blank("en")
-    tok2vec = {"@architectures": "spacy_ptuning.PTuningTransformer.v2", "backbone": backbone,
-               "method": method, "num_virtual_tokens": 3, "dtype": "float32"}
-    if words:
-        tok2vec["word_features"] = {"@architectures": "spacy_ptuning.WordFeatures.v1", "width": 8}
-    nlp.add_pipe("ptuning_ner_tagger", name=name, config={"model": {"tok2vec": tok2vec}})
+    tok2vec = small_tok2vec(backbone, method, words)
+    nlp.add_pipe("ptuning_ner_tagger", name="ner", config={"model": {"tok2vec": tok2vec}})
     examples = _examples(nlp)
     optimizer = nlp.initialize(lambda: examples)
     optimizer.learn_rate = 0.05

@@ -12,7 +12,7 @@ from thinc.api import Adam
 from spacy_ptuning.errors import ConfigError
 from spacy_ptuning.serving.mixed_batch import pipe_mixed
 
-from .helpers import TEXTS, assert_only_prompts_and_head_train
+from .helpers import TEXTS, assert_only_prompts_and_head_train, small_tok2vec
 
 DATA = [("a good film", "POS"), ("an awful plot", "NEG"), ("really great actor", "POS"),
         ("a terrible scene", "NEG"), ("nice story today , great", "POS"), ("poor movie", "NEG")]
@@ -24,10 +24,7 @@ def _pipeline(backbone, *, hidden_width=0, exclusive=True, words=True, method="p
     initialisation); returns (nlp, component name)."""
     fix_random_seed(seed)
     nlp = spacy.blank("en")
-    tok2vec = {"@architectures": "spacy_ptuning.PTuningTransformer.v2", "backbone": backbone,
-               "method": method, "num_virtual_tokens": 3, "dtype": "float32"}
-    if words:
-        tok2vec["word_features"] = {"@architectures": "spacy_ptuning.WordFeatures.v1", "width": 8}
+    tok2vec = small_tok2vec(backbone, method, words)
     factory = "ptuning_textcat" if exclusive else "ptuning_textcat_multilabel"
     nlp.add_pipe(factory, config={"model": {"@architectures": "spacy_ptuning.TextCatAttention.v1",
                                             "exclusive_classes": exclusive, "hidden_width": hidden_width,
