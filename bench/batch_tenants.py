@@ -20,7 +20,7 @@ for all pipelines of a batch (``pipeline.gathered_words``, what the server
 does) and each model's own thinc forward (their time then counts in the
 NER components' column).
 
-    python bench/batch_tenants.py [--tenants 10,1000] [--batch 8,32] [--seconds 20] [--words gathered,thinc]
+    python bench/batch_tenants.py [--tenants 10,1000] [--batch 8,32] [--seconds 20] [--words gathered,thinc] [--ner-head tagger]
 """
 import argparse
 import os
@@ -72,6 +72,8 @@ def main() -> None:
     p.add_argument("--batch", default="8,32")
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--words", default="gathered", help="gathered, thinc or both (comma-separated): how word features run")
+    p.add_argument("--ner-head", default="parser", choices=("parser", "tagger"),
+                   help="the NER kinds' head: ptuning_ner (parser) or ptuning_ner_tagger (tagger)")
     p.add_argument("--out-dir", type=Path, default=common.RESULTS)
     args = p.parse_args()
     modes = args.words.split(",")
@@ -87,7 +89,7 @@ def main() -> None:
     clock = defaultdict(float)
     instrument(clock)
     texts = tenant_texts(args.data_dir, 500)
-    base = build_adapters(args.out_dir / "serve_adapters", args.data_dir, False)["ptuning"]
+    base = build_adapters(args.out_dir / "serve_adapters", args.data_dir, False, args.ner_head)["ptuning"]
     counts = [int(k) for k in args.tenants.split(",")]
     if any(n < len(ADAPTERS) or n % len(ADAPTERS) for n in counts):
         p.error(f"--tenants: each N must be a multiple of {len(ADAPTERS)} (the kinds), so that every N has every kind")
@@ -134,7 +136,8 @@ def main() -> None:
     finally:
         mixed_batch.planned_words = gathered
         shutil.rmtree(folder, ignore_errors=True)
-    print("\n".join(lines) + f"\n\nMachine: {common.machine_info()}; load average at start {load_start}, at end {os.getloadavg()}.")
+    print("\n".join(lines) + f"\n\nNER head: {args.ner_head}. Machine: {common.machine_info()}; "
+          f"load average at start {load_start}, at end {os.getloadavg()}.")
 
 
 if __name__ == "__main__":

@@ -80,8 +80,33 @@ class SpacySystem:
         if self.kind != "st":
             self.settings = {"lr": self.peak_lr, **self.opt_settings, "dropout": self.dropout}
         else:
+            if self.cfg.get("lora_rank"):
+                self._st_lora(int(self.cfg["lora_rank"]))
             self._st_optimizer()
+            if self.cfg.get("lora_rank"):
+                self.settings["lora"] = self.lora_settings
         self.update = common.nlp_update(self.nlp, self.opt, self.dropout, self.losses)
+
+    def _st_lora(self, rank: int) -> None:
+        """(a) with LoRA: HF PEFT's LoRA layers (rank ``rank``, alpha 2 x rank,
+        dropout 0.1) injected into the query and value projections of the
+        transformer spaCy loaded, every other transformer weight frozen.
+        thinc's PyTorchShim updates only parameters that got a gradient, so
+        the same optimizer trains the deltas (at --st-lr, or lr= of the
+        variant) and the head (at --st-head-lr)."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        shims = [shim for node in self.nlp.get_pipe("transformer").model.walk() for shim in node.shims]
+        assert len(shims) == 1, f"expected one HF shim in the transformer, found {len(shims)}"
+        hf = shims[0]._model
+        for p in hf.parameters():
+            p.requires_grad_(False)
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.1, target_modules=["query", "value"])
+        inject_adapter_in_model(config, hf)
+        names = [n for n, p in hf.named_parameters() if p.requires_grad]
+        assert names and all("lora_" in n for n in names), names[:5]
+        self.lora_settings = {"rank": rank, "alpha": 2 * rank, "dropout": 0.1, "targets": "query, value",
+                              "tensors": len(names)}
 
     def _st_optimizer(self) -> None:
         """Adam with spaCy's transformer settings, the transformer's rate for
@@ -110,7 +135,9 @@ class SpacySystem:
             torch_params = sum(p.numel() for node in trf.model.walk() for shim in node.shims
                                for p in shim._model.parameters() if p.requires_grad)
             trainable = torch_params + head
-            return {"trainable": trainable, "total": trainable, "head": head, "encoder_trainable": torch_params}
+            frozen = sum(p.numel() for node in trf.model.walk() for shim in node.shims
+                         for p in shim._model.parameters() if not p.requires_grad)  # LoRA: the transformer
+            return {"trainable": trainable, "total": trainable + frozen, "head": head, "encoder_trainable": torch_params}
         from spacy_ptuning import get_adapter
 
         module = get_adapter(pipe.model)

@@ -31,7 +31,7 @@ def _write_corpus(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("config,components,cli", [
-    ("ner.cfg", ["ner"], False), ("ner_tagger.cfg", ["ner"], False), ("textcat.cfg", ["textcat"], False),
+    ("ner.cfg", ["ner"], False), ("ner_parser.cfg", ["ner"], False), ("textcat.cfg", ["textcat"], False),
     ("multitask.cfg", ["ner", "textcat"], True),
 ])
 def test_spacy_train(tiny_bert, tmp_path, capsys, config, components, cli):
@@ -67,7 +67,7 @@ def test_spacy_train(tiny_bert, tmp_path, capsys, config, components, cli):
         assert set(doc.cats) == {"POS", "NEG"}
 
 
-@pytest.mark.parametrize("config", ["ner.cfg", "ner_tagger.cfg", "textcat.cfg", "multitask.cfg"])
+@pytest.mark.parametrize("config", ["ner.cfg", "ner_parser.cfg", "textcat.cfg", "multitask.cfg"])
 def test_factory_defaults_are_the_shipped_configs(config):
     """`nlp.add_pipe("ptuning_ner")` builds what the shipped config trains:
     every setting the factory's default model names (prompt length, method,

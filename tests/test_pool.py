@@ -8,6 +8,7 @@ import pytest
 import spacy
 import srsly
 import srsly.msgpack
+import torch
 
 from spacy_ptuning.serving.pool import AdapterLoadFailed, AdapterPool, InvalidAdapterName, UnknownAdapter
 from spacy_ptuning.pipeline.transformer_model import find_adapter_layers
@@ -478,3 +479,32 @@ def test_an_adapter_load_does_not_walk_the_registry_per_unpack(saved, tmp_path, 
     pool.get("ner-b")
     assert len(unpacks) >= 5, "the load no longer unpacks through srsly.msgpack: this test checks nothing"
     assert _CountingRegistry.copies < len(unpacks) / 2  # 2 against 8 here; 10 without the cache
+
+
+def test_one_config_text_is_parsed_once_and_each_pipeline_owns_its_config(saved, tmp_path, monkeypatch):
+    # Thousands of adapters saved from one training config share its text:
+    # the pool parses it once (spaCy's load path parses it four times a
+    # load), and each pipeline still gets the config spacy.load gives it,
+    # as its own copy.
+    import confection._config
+
+    root = _copy(saved, tmp_path)
+    for i in range(3):
+        shutil.copytree(root / "ner-a", root / f"twin{i}")
+    pool = AdapterPool(root, max_loaded=8, check_interval=None, dtype="bfloat16")
+    pool.get("ner-a")  # the first load builds the shared tokenizer (spacy.load)
+    parses = []
+    real_parse = confection._config.parse_config
+    monkeypatch.setattr(confection._config, "parse_config", lambda *a, **k: parses.append(1) or real_parse(*a, **k))
+    twins = [pool.get(f"twin{i}") for i in range(3)]
+    assert parses == []
+    pool.get("sentiment")  # another text: parsed
+    assert parses
+    monkeypatch.setattr(confection._config, "parse_config", real_parse)
+    reference = spacy.load(root / "twin0")
+    for nlp in twins:
+        assert nlp.config.to_str() == reference.config.to_str()
+        assert nlp.config.is_interpolated == reference.config.is_interpolated
+        assert _backbone(nlp).model.dtype == torch.bfloat16  # the pool's override was applied
+    twins[0].config["nlp"]["batch_size"] = 7
+    assert twins[1].config["nlp"]["batch_size"] == reference.config["nlp"]["batch_size"] != 7

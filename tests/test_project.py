@@ -98,12 +98,28 @@ def test_system_variants_parse_and_refuse_what_does_not_apply():
     assert common.parse_system("prefix:n=64,lr=0.02,proj=512,dtype=bfloat16") == (
         "prefix", {"num_virtual_tokens": 64, "lr": 0.02, "prefix_projection": 512, "dtype": "bfloat16"})
     assert common.parse_system("st:lr=3e-5") == ("st", {"lr": 3e-5})
+    assert common.parse_system("st:lora=8,lr=1e-3") == ("st", {"lora_rank": 8, "lr": 1e-3})
     assert "[n=64, lr=0.02]" in common.label("prefix:n=64,lr=0.02", "bc5cdr")
     for bad, why in [("st:n=64", "does not apply"), ("prompt:proj=8", "does not apply"),
                      ("peft:dtype=bfloat16", "does not apply"), ("prefix:dtype=fp8", "dtype is one of"),
-                     ("prefix:x=1", "KEY one of"), ("adapter", "unknown system")]:
+                     ("prefix:x=1", "KEY one of"), ("adapter", "unknown system"),
+                     ("prefix:lora=8", "does not apply")]:
         with pytest.raises(ValueError, match=why):
             common.parse_system(bad)
+
+
+def test_ner_head_variants_are_the_shipped_configs_heads():
+    # head=parser on configs/ner.cfg must train what configs/ner_parser.cfg
+    # ships, and head=tagger on ner_parser.cfg what ner.cfg ships.
+    from spacy.util import load_config
+
+    blocks = {name: load_config(REPO / "configs" / f"{name}.cfg", interpolate=False)["components"]["ner"]
+              for name in ("ner", "ner_parser")}
+    for start, head, want in (("ner", "parser", "ner_parser"), ("ner_parser", "tagger", "ner"),
+                              ("ner", "tagger", "ner"), ("ner_parser", "parser", "ner_parser")):
+        block = load_config(REPO / "configs" / f"{start}.cfg", interpolate=False)["components"]["ner"]
+        common.set_ner_head(block, head)
+        assert block == blocks[want], (start, head)
 
 
 def test_benchmark_rows_without_settings_are_the_configs_defaults(tmp_path):

@@ -68,9 +68,12 @@ VARIANT_KEYS = {"n": "num_virtual_tokens", "lr": "lr", "proj": "prefix_projectio
                 "mix": "layer_mix", "words": "word_features",
                 # text classifier head: mean (TextCatReduce.v1), meanmax (its mean and max),
                 # attn (TextCatAttention.v1, the default), attnH (the same, hidden layer of H);
-                # NER head: parser (ptuning_ner, transition-based, the default) or tagger
-                # (ptuning_ner_tagger: BILUO softmax per token, Viterbi decoding)
-                "head": "head"}
+                # NER head: tagger (ptuning_ner_tagger: BILUO softmax per token, Viterbi
+                # decoding; the default since 2026-12-07) or parser (ptuning_ner, transition-based)
+                "head": "head",
+                # (a) with its transformer frozen and LoRA deltas of rank R on the attention's
+                # query and value (HF PEFT), the design that changes every token's vectors
+                "lora": "lora_rank"}
 HEADS = ("mean", "meanmax", "attn")
 NER_HEADS = ("parser", "tagger")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -88,7 +91,8 @@ def parse_system(name: str) -> Tuple[str, Dict[str, Union[float, str]]]:
         key, _, value = item.partition("=")
         if key not in VARIANT_KEYS or not value:
             raise ValueError(f"{name!r}: settings are KEY=VALUE with KEY one of {', '.join(VARIANT_KEYS)}")
-        if (base == "st" and key != "lr") or (key == "proj" and base != "prefix") or \
+        if (base == "st" and key not in ("lr", "lora")) or (key == "lora" and base != "st") or \
+                (key == "proj" and base != "prefix") or \
                 (key in ("dtype", "mix", "words", "head") and base not in OURS):
             raise ValueError(f"{name!r}: {key} does not apply to {base}")
         if key == "dtype" and value not in DTYPES:
@@ -123,9 +127,10 @@ def _label(system: str, task: str) -> str:
     head = "TOKEN_CLS" if pipe == "ner" else "SEQ_CLS"
     return {
         "st": f"(a) spacy-transformers trf+{pipe}, full fine-tuning",
-        "prefix": f"(b) ours ptuning_{pipe} prefix (P-Tuning v2)",
-        "prompt_encoder": f"(c) ours ptuning_{pipe} prompt_encoder (P-Tuning v1)",
-        "prompt": f"(d) ours ptuning_{pipe} prompt (prompt tuning)",
+        # the config's component (ner: ptuning_ner_tagger since 2026-12-07, head= changes it)
+        "prefix": f"(b) ours {pipe}, prefix (P-Tuning v2)",
+        "prompt_encoder": f"(c) ours {pipe}, prompt_encoder (P-Tuning v1)",
+        "prompt": f"(d) ours {pipe}, prompt (prompt tuning)",
         "peft": f"(e) HF PEFT prefix tuning, {head}",
         "peft_ptuning": f"(e) HF PEFT P-tuning, {head}",
         "peft_prompt": f"(e) HF PEFT prompt tuning, {head}",
@@ -284,14 +289,21 @@ def set_textcat_head(model: dict, head: str) -> None:
 
 def set_ner_head(block: dict, head: str) -> None:
     """Make an NER [components.ner] block (a config dict) use ``head``:
-    "parser" (ptuning_ner, as the configs ship) or "tagger"
-    (ptuning_ner_tagger with spaCy's Tagger.v2), keeping its tok2vec."""
-    if head == "parser":
-        return
+    "tagger" (ptuning_ner_tagger with spaCy's Tagger.v2, as configs/ner.cfg
+    ships) or "parser" (ptuning_ner with the transition-based head of
+    configs/ner_parser.cfg), keeping its tok2vec."""
     tok2vec = block["model"]["tok2vec"]
     block.clear()
-    block.update({"factory": "ptuning_ner_tagger", "scorer": {"@scorers": "spacy.ner_scorer.v1"},
-                  "model": {"@architectures": "spacy.Tagger.v2", "nO": None, "normalize": False, "tok2vec": tok2vec}})
+    if head == "tagger":
+        block.update({"factory": "ptuning_ner_tagger", "scorer": {"@scorers": "spacy.ner_scorer.v1"},
+                      "model": {"@architectures": "spacy.Tagger.v2", "nO": None, "normalize": False,
+                                "tok2vec": tok2vec}})
+    else:
+        block.update({"factory": "ptuning_ner", "incorrect_spans_key": None, "moves": None,
+                      "scorer": {"@scorers": "spacy.ner_scorer.v1"}, "update_with_oracle_cut_size": 100,
+                      "model": {"@architectures": "spacy.TransitionBasedParser.v2", "state_type": "ner",
+                                "extra_state_tokens": False, "hidden_width": 64, "maxout_pieces": 2,
+                                "use_upper": False, "nO": None, "tok2vec": tok2vec}})
 
 
 def load_pipeline(config_path: Path, overrides: dict, seed: int, head: Optional[str] = None):

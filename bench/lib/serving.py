@@ -29,28 +29,36 @@ ADAPTERS = [  # name, task, method, virtual tokens
 FACTORY = {"ner": "ptuning_ner", "textcat": "ptuning_textcat"}
 
 
-def build_adapters(out: Path, data_dir: Path, rebuild: bool) -> Dict[str, Path]:
+def build_adapters(out: Path, data_dir: Path, rebuild: bool, ner_head: str = "parser") -> Dict[str, Path]:
     """Ten ptuning pipelines and ten spacy-transformers ones, initialised on
-    the data's labels; saved once."""
+    the data's labels; saved once. ``ner_head="tagger"``: the NER kinds are
+    ``ptuning_ner_tagger`` pipelines (in a folder of their own, without the
+    spacy-transformers ones); "parser" (``ptuning_ner``) is what every
+    serving result in RESULTS.md before 2026-12-07 used."""
     import spacy
 
+    if ner_head == "tagger":
+        out = out.with_name(out.name + "_tagger")
     if rebuild and out.exists():
         shutil.rmtree(out)
     ours, st = out / "ptuning", out / "st"
     ours.mkdir(parents=True, exist_ok=True)
     st.mkdir(parents=True, exist_ok=True)
-    if (ours / ADAPTERS[-1][0]).exists() and (st / ADAPTERS[-1][0]).exists():
+    kinds = ("ptuning",) if ner_head == "tagger" else ("ptuning", "st")
+    if all((out / kind / ADAPTERS[-1][0]).exists() for kind in kinds):
         return {"ptuning": ours, "st": st}
+    factory = {**FACTORY, "ner": "ptuning_ner_tagger"} if ner_head == "tagger" else FACTORY
     vocab = spacy.blank("en").vocab
     samples = {
         "ner": common.read_conll(data_dir / "conll2003" / "train.iob", vocab, limit=200),
         "textcat": common.read_sst2(data_dir / "sst2" / "train.tsv", vocab, limit=200),
     }
     for name, task, method, n in ADAPTERS:
-        for kind in ("ptuning", "st"):
+        for kind in kinds:
             if kind == "ptuning":
                 nlp = spacy.blank("en")
-                nlp.add_pipe(FACTORY[task], config={"model": {"tok2vec": {"method": method, "num_virtual_tokens": n}}})
+                # named as before (the factory's name) for the parser kinds; "ner" for the tagger
+                nlp.add_pipe(factory[task], name=task if factory[task] == "ptuning_ner_tagger" else None, config={"model": {"tok2vec": {"method": method, "num_virtual_tokens": n}}})
             else:
                 nlp = common.st_pipeline(task)
             egs = common.examples(nlp, samples[task])

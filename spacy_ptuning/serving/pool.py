@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import spacy
 import srsly
+from confection import Config
 from spacy.language import Language
 
 from ..errors import Errors, PTuningError
@@ -36,6 +37,7 @@ from ..model.adapter import STORAGE_DTYPES
 from ..pipeline.half_storage import halve
 from ..pipeline.transformer_model import find_adapter_layers
 from . import registry_cache
+from .config_cache import ParsedConfigs
 from .gc_pauses import untie
 
 # Loads of one folder that may each see it change (rewritten in place) before
@@ -172,6 +174,7 @@ class AdapterPool:
         self._sizes: Dict[str, int] = {}  # bytes of each pipeline in _loaded, as counted in resident_total
         self._backbones: Dict[int, object] = {}  # strong refs: evictions keep them
         self._tokenizers: Dict[str, object] = {}  # see _spacy_load
+        self._configs = ParsedConfigs()  # see _spacy_load
         self._added: Dict[str, str] = {}  # add()/remove() outlive folder rescans
         self._removed: set = set()
         self.stats = {"loads": 0, "reloads": 0, "evictions": 0, "load_failures": 0, "load_seconds": 0.0}
@@ -432,17 +435,18 @@ class AdapterPool:
         so docs are tokenised exactly as by the pipeline's own.
         """
         path = Path(location) if (Path(location) / "config.cfg").exists() else None
-        key = _tokenizer_key(path) if path is not None else None
+        if path is None:  # an installed package
+            return spacy.load(location)
+        raw, config = self._configs.get((path / "config.cfg").read_bytes(), self._overrides)
+        key = _tokenizer_key(path, raw)
         with self._lock:
-            shared = self._tokenizers.get(key) if key is not None else None
-        overrides = self._overrides(path) if path is not None else {}
+            shared = self._tokenizers.get(key)
         if shared is None:
-            nlp = spacy.load(location, config=overrides)
-            if key is not None and nlp.vocab.vectors.shape[0] == 0:
+            nlp = spacy.load(location, config=self._overrides(raw))
+            if nlp.vocab.vectors.shape[0] == 0:
                 with self._lock:
                     self._tokenizers.setdefault(key, nlp.tokenizer)
             return nlp
-        config = spacy.util.load_config(path / "config.cfg", overrides=overrides)
         own_tokenizer = config["nlp"]["tokenizer"]
         handover = uuid.uuid4().hex  # this load's own entry, removed when it is done
         _HANDOVER[handover] = shared
@@ -454,8 +458,13 @@ class AdapterPool:
         # Not the vocab either: Vocab.from_disk would empty the shared vocab's
         # lexeme table (under the docs being tokenised with it) and copy its
         # whole string store, which grows with every text served; the
-        # pipeline's own strings are added instead.
-        nlp.from_disk(path, exclude=["tokenizer", "vocab"])
+        # pipeline's own strings are added instead. Nor the config: what
+        # Language.from_disk does with it (the pipeline's config becomes the
+        # file's text, not interpolated) is done below from the parsed copy.
+        nlp.from_disk(path, exclude=["tokenizer", "vocab", "config.cfg"])
+        nlp._config.clear()
+        nlp._config.update(raw)
+        nlp._config.is_interpolated = False
         strings = path / "vocab" / "strings.json"
         if strings.is_file():
             for string in srsly.read_json(strings):
@@ -463,12 +472,11 @@ class AdapterPool:
         nlp._config["nlp"]["tokenizer"] = own_tokenizer  # nlp.config / to_disk as saved
         return nlp
 
-    def _overrides(self, path: Path) -> Dict[str, str]:
-        """Config overrides for a pipeline folder: the pool's dtype for each
-        spacy-ptuning component."""
+    def _overrides(self, config: Config) -> Dict[str, str]:
+        """Config overrides for a saved pipeline's (raw) config: the pool's
+        dtype for each spacy-ptuning component."""
         if self.dtype is None:
             return {}
-        config = spacy.util.load_config(path / "config.cfg", interpolate=False)
         out = {}
         for name, block in config.get("components", {}).items():
             if block.get("factory") in TASKS and "tok2vec" in block.get("model", {}):
@@ -624,13 +632,13 @@ def pooled_tokenizer(key: str):
     return create
 
 
-def _tokenizer_key(path: Path) -> Optional[str]:
+def _tokenizer_key(path: Path, config: Config) -> str:
     """Hash of what makes two saved pipelines tokenise identically: the
-    config's [nlp] language and tokenizer settings, and the tokenizer and
-    vocab files (strings excepted: the shared vocab's strings only grow)."""
+    [nlp] language and tokenizer settings of their (raw) config, and the
+    tokenizer and vocab files (strings excepted: the shared vocab's strings
+    only grow)."""
     import hashlib
 
-    config = spacy.util.load_config(path / "config.cfg", interpolate=False)
     nlp_block = {k: v for k, v in config["nlp"].items() if k in ("lang", "tokenizer")}
     digest = hashlib.sha256(repr(sorted(nlp_block.items())).encode("utf8"))
     for rel in ("tokenizer", "vocab/lookups.bin", "vocab/vectors.cfg", "vocab/key2row"):
