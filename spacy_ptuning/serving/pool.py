@@ -461,7 +461,7 @@ class AdapterPool:
         # pipeline's own strings are added instead. Nor the config: what
         # Language.from_disk does with it (the pipeline's config becomes the
         # file's text, not interpolated) is done below from the parsed copy.
-        nlp.from_disk(path, exclude=["tokenizer", "vocab", "config.cfg"])
+        nlp.from_disk(path, exclude=["tokenizer", "vocab", "config"])  # spaCy matches "config.cfg" by its stem
         nlp._config.clear()
         nlp._config.update(raw)
         nlp._config.is_interpolated = False
