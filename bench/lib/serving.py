@@ -58,7 +58,9 @@ def build_adapters(out: Path, data_dir: Path, rebuild: bool, ner_head: str = "pa
             if kind == "ptuning":
                 nlp = spacy.blank("en")
                 # named as before (the factory's name) for the parser kinds; "ner" for the tagger
-                nlp.add_pipe(factory[task], name=task if factory[task] == "ptuning_ner_tagger" else None, config={"model": {"tok2vec": {"method": method, "num_virtual_tokens": n}}})
+                name_of_pipe = task if factory[task] == "ptuning_ner_tagger" else None
+                nlp.add_pipe(factory[task], name=name_of_pipe,
+                             config={"model": {"tok2vec": {"method": method, "num_virtual_tokens": n}}})
             else:
                 nlp = common.st_pipeline(task)
             egs = common.examples(nlp, samples[task])

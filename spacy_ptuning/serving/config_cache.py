@@ -19,6 +19,7 @@ from collections import OrderedDict
 from typing import Callable, Dict, Tuple
 
 from confection import Config
+from spacy.util import CONFIG_SECTION_ORDER
 
 
 class ParsedConfigs:
@@ -31,8 +32,6 @@ class ParsedConfigs:
         self.size = size
         self._lock = threading.Lock()
         self._parsed: "OrderedDict[bytes, Tuple[Config, Config]]" = OrderedDict()
-        self.hits = 0
-        self.misses = 0
 
     def get(self, text: bytes, overrides_of: Callable[[Config], Dict[str, str]]) -> Tuple[Config, Config]:
         """(raw, to build from) for the config file's bytes ``text``, as
@@ -43,14 +42,13 @@ class ParsedConfigs:
             parsed = self._parsed.get(key)
             if parsed is not None:
                 self._parsed.move_to_end(key)
-                self.hits += 1
         if parsed is None:
             decoded = text.decode("utf8")
-            raw = Config().from_str(decoded, interpolate=False)
-            build = Config().from_str(decoded, overrides=overrides_of(raw))
+            # as spacy.util.load_config reads them
+            raw = Config(section_order=CONFIG_SECTION_ORDER).from_str(decoded, interpolate=False)
+            build = Config(section_order=CONFIG_SECTION_ORDER).from_str(decoded, overrides=overrides_of(raw))
             parsed = (raw, build)
             with self._lock:
-                self.misses += 1
                 self._parsed[key] = parsed
                 while len(self._parsed) > self.size:
                     self._parsed.popitem(last=False)
