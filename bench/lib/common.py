@@ -76,6 +76,7 @@ VARIANT_KEYS = {"n": "num_virtual_tokens", "lr": "lr", "proj": "prefix_projectio
                 "lora": "lora_rank"}
 HEADS = ("mean", "meanmax", "attn")
 NER_HEADS = ("parser", "tagger")
+NER_HEAD_CONFIGS = {"tagger": "ner.cfg", "parser": "ner_parser.cfg"}  # set_ner_head
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 OURS = ("prefix", "prompt_encoder", "prompt")
 
@@ -288,22 +289,17 @@ def set_textcat_head(model: dict, head: str) -> None:
 
 
 def set_ner_head(block: dict, head: str) -> None:
-    """Make an NER [components.ner] block (a config dict) use ``head``:
-    "tagger" (ptuning_ner_tagger with spaCy's Tagger.v2, as configs/ner.cfg
-    ships) or "parser" (ptuning_ner with the transition-based head of
-    configs/ner_parser.cfg), keeping its tok2vec."""
+    """Make an NER [components.ner] block (a config dict) use ``head``: the
+    block of the shipped config that trains it ("tagger": configs/ner.cfg,
+    ptuning_ner_tagger; "parser": configs/ner_parser.cfg, ptuning_ner),
+    keeping ``block``'s tok2vec."""
+    from spacy.util import load_config
+
+    shipped = load_config(REPO / "configs" / NER_HEAD_CONFIGS[head], interpolate=False)["components"]["ner"]
     tok2vec = block["model"]["tok2vec"]
     block.clear()
-    if head == "tagger":
-        block.update({"factory": "ptuning_ner_tagger", "scorer": {"@scorers": "spacy.ner_scorer.v1"},
-                      "model": {"@architectures": "spacy.Tagger.v2", "nO": None, "normalize": False,
-                                "tok2vec": tok2vec}})
-    else:
-        block.update({"factory": "ptuning_ner", "incorrect_spans_key": None, "moves": None,
-                      "scorer": {"@scorers": "spacy.ner_scorer.v1"}, "update_with_oracle_cut_size": 100,
-                      "model": {"@architectures": "spacy.TransitionBasedParser.v2", "state_type": "ner",
-                                "extra_state_tokens": False, "hidden_width": 64, "maxout_pieces": 2,
-                                "use_upper": False, "nO": None, "tok2vec": tok2vec}})
+    block.update(shipped)
+    block["model"]["tok2vec"] = tok2vec
 
 
 def load_pipeline(config_path: Path, overrides: dict, seed: int, head: Optional[str] = None):
