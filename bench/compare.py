@@ -66,7 +66,7 @@ class SpacySystem:
             oc = config["training"]["optimizer"]
             self.opt_settings = {k: oc[k] for k in ("beta1", "beta2", "L2", "grad_clip", "eps", "L2_is_weight_decay")}
             self.peak_lr = oc["learn_rate"]["initial_rate"]
-            self.opt = Adam(self.peak_lr, use_averages=False, **self.opt_settings)
+            self.opt = Adam(self.peak_lr, use_averages=bool(cfg.get("use_averages")), **self.opt_settings)
         self.vocab = self.nlp.vocab
         self.losses: Dict[str, float] = {}
 
@@ -78,7 +78,8 @@ class SpacySystem:
         # sgd given: spaCy would otherwise resolve the (uninterpolated) [training] block
         self.nlp.initialize(lambda: self.train[:1000], sgd=getattr(self, "opt", None))
         if self.kind != "st":
-            self.settings = {"lr": self.peak_lr, **self.opt_settings, "dropout": self.dropout}
+            self.settings = {"lr": self.peak_lr, **self.opt_settings, "dropout": self.dropout,
+                             "use_averages": self.opt.averages is not None}
         else:
             if self.cfg.get("lora_rank"):
                 self._st_lora(int(self.cfg["lora_rank"]))
@@ -159,11 +160,14 @@ class SpacySystem:
         return float(v)
 
     def predict(self, batch_size: int):
-        egs, secs = common.predict(self.nlp, self.dev_docs, batch_size)
+        # with use_averages, as spaCy's training loop scores (None: the weights)
+        with self.nlp.use_params(getattr(self.opt, "averages", None)):
+            egs, secs = common.predict(self.nlp, self.dev_docs, batch_size)
         return egs, secs, {}
 
     def save(self, path: Path) -> None:
-        self.nlp.to_disk(path)
+        with self.nlp.use_params(getattr(self.opt, "averages", None)):
+            self.nlp.to_disk(path)
 
 
 class RoutedOptimizer:

@@ -252,3 +252,78 @@ def test_optimizer_step_is_thincs_and_keeps_each_parameter_one_tensor(tiny_bert)
     # thinc's own step does chain (the count above could catch it); when a
     # thinc release stops chaining, this fails and our override can go.
     assert tensors_sharing(reference) >= counts[-1] + 5
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_parameter_averages_reach_the_prompts_while_spacy_scores_and_saves(tiny_bert, method):
+    """With ``use_averages = true`` spaCy scores and saves inside
+    ``nlp.use_params(optimizer.averages)``: the prompts must take their
+    averages there as the head does (thinc's PyTorchShim never found them),
+    predict with them (not with a cached copy of the last weights), and get
+    their own weights back afterwards (the prompts also when the block
+    raises)."""
+    from thinc.api import Adam
+
+    from spacy_ptuning.model.serialization import AdapterShim
+
+    fix_random_seed(0)
+    nlp = spacy.blank("en")
+    ner = nlp.add_pipe("ptuning_ner", config={"model": {"tok2vec": _tok2vec_cfg(tiny_bert, method)}})
+    train = _ner_examples(nlp, 8, seed=3)
+    nlp.initialize(lambda: train)
+    opt = Adam(0.05, use_averages=True)
+    for _ in range(4):
+        nlp.update(train, sgd=opt, drop=0.0)
+    adapter = get_adapter(ner.model)
+    (shim,) = [s for node in ner.model.walk() for s in node.shims if isinstance(s, AdapterShim)]
+    names = [name for name, _ in adapter.named_parameters()]
+    assert names and all((shim.id, name) in opt.averages for name in names)
+    last = {name: p.detach().clone() for name, p in adapter.named_parameters()}
+    docs = [ex.predicted for ex in train]
+    tok2vec = ner.model.get_ref("tok2vec")
+    before = tok2vec.predict(docs)  # fills the prompt cache with the last weights
+
+    with nlp.use_params(opt.averages):
+        for name, p in adapter.named_parameters():
+            average = torch.from_numpy(numpy.asarray(opt.averages[(shim.id, name)]))
+            assert torch.equal(p.detach(), average), name
+            assert not torch.equal(average, last[name]), name  # the averages are not the last weights
+        inside = tok2vec.predict(docs)
+        saved = nlp.to_bytes()
+
+    # the reference: the averages written into the weights by hand
+    reference = spacy.blank("en")
+    reference.add_pipe("ptuning_ner", config={"model": {"tok2vec": _tok2vec_cfg(tiny_bert, method)}})
+    reference.initialize(lambda: _ner_examples(reference, 8, seed=3))
+    reference.from_bytes(nlp.to_bytes())  # the last weights, head and prompts
+    ref_adapter = get_adapter(reference.get_pipe("ptuning_ner").model)
+    with torch.no_grad():
+        for name, p in ref_adapter.named_parameters():
+            p.copy_(torch.from_numpy(numpy.asarray(opt.averages[(shim.id, name)])))
+    ref_adapter.invalidate_prompt_cache()
+    ref_model = reference.get_pipe("ptuning_ner").model
+    for node, ref_node in zip(ner.model.walk(), ref_model.walk()):
+        for pname in node.param_names:
+            if node.has_param(pname) and (node.id, pname) in opt.averages:
+                ref_node.set_param(pname, opt.averages[(node.id, pname)].copy())
+    expected = ref_model.get_ref("tok2vec").predict([reference.make_doc(d.text) for d in docs])
+    for a, b in zip(inside, expected):
+        numpy.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    loaded = spacy.blank("en")
+    loaded.add_pipe("ptuning_ner", config={"model": {"tok2vec": _tok2vec_cfg(tiny_bert, method)}})
+    loaded.initialize(lambda: _ner_examples(loaded, 8, seed=3))
+    loaded.from_bytes(saved)
+    got = loaded.get_pipe("ptuning_ner").model.get_ref("tok2vec").predict([loaded.make_doc(d.text) for d in docs])
+    for a, b in zip(got, expected):
+        numpy.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    # afterwards: the last weights, and predictions from them (not a stale cache)
+    for a, b in zip(before, tok2vec.predict(docs)):
+        assert numpy.array_equal(a, b)
+    # the prompts get their weights back after a block that raised too (thinc's
+    # own Model.use_params does not restore the head's in that case)
+    with pytest.raises(KeyError):
+        with nlp.use_params(opt.averages):
+            raise KeyError("scoring failed")
+    for name, p in adapter.named_parameters():
+        assert torch.equal(p.detach(), last[name]), name

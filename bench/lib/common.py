@@ -71,6 +71,8 @@ VARIANT_KEYS = {"n": "num_virtual_tokens", "lr": "lr", "proj": "prefix_projectio
                 # NER head: tagger (ptuning_ner_tagger: BILUO softmax per token, Viterbi
                 # decoding; the default since 2026-12-07) or parser (ptuning_ner, transition-based)
                 "head": "head",
+                # avg=1: thinc's parameter averages (use_averages), scored and saved with them
+                "avg": "use_averages",
                 # (a) with its transformer frozen and LoRA deltas of rank R on the attention's
                 # query and value (HF PEFT), the design that changes every token's vectors
                 "lora": "lora_rank"}
@@ -94,13 +96,15 @@ def parse_system(name: str) -> Tuple[str, Dict[str, Union[float, str]]]:
             raise ValueError(f"{name!r}: settings are KEY=VALUE with KEY one of {', '.join(VARIANT_KEYS)}")
         if (base == "st" and key not in ("lr", "lora")) or (key == "lora" and base != "st") or \
                 (key == "proj" and base != "prefix") or \
-                (key in ("dtype", "mix", "words", "head") and base not in OURS):
+                (key in ("dtype", "mix", "words", "head", "avg") and base not in OURS):
             raise ValueError(f"{name!r}: {key} does not apply to {base}")
         if key == "dtype" and value not in DTYPES:
             raise ValueError(f"{name!r}: dtype is one of {', '.join(DTYPES)}")
         if key == "head" and not (value in HEADS + NER_HEADS or (value.startswith("attn") and value[4:].isdigit())):
             raise ValueError(f"{name!r}: head is one of {', '.join(HEADS)} or attnH (H: hidden width) for a "
                              f"text classifier, {' or '.join(NER_HEADS)} for NER")
+        if key == "avg" and value not in ("0", "1"):
+            raise ValueError(f"{name!r}: avg is 0 or 1")
         settings[VARIANT_KEYS[key]] = value if key in ("dtype", "head") else float(value) if key == "lr" else int(value)
     return base, settings
 

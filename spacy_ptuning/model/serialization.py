@@ -21,6 +21,7 @@ dimension clash; :func:`check_saved_backbone` reads the adapter headers out
 of a component's saved model and checks identity before thinc's load (the
 components call it first).
 """
+import contextlib
 import hashlib
 
 import srsly
@@ -70,6 +71,36 @@ class AdapterShim(PyTorchShim):
             param.grad.zero_()
         self._grad_scaler.update()
         self._model.invalidate_prompt_cache()
+
+    @contextlib.contextmanager
+    def use_params(self, params):
+        """Swap in the optimizer's parameter averages (``use_averages = true``)
+        while the block runs, as spaCy does to score and save.
+
+        Why not PyTorchShim's: thinc's optimizer keys a shim's parameters
+        ``(shim.id, name)`` (see ``finish_update``), but PyTorchShim.use_params
+        looks for string keys ``"pytorch_<id>_<name>"``, so it never finds
+        them: the head's averages were used with the prompts' last weights,
+        and the saved "best" pipeline paired the two. Here the averages are
+        copied into the parameters in place (each stays one tensor; torch's
+        version counters, which key the adapter's prompt cache, see the
+        copies), and the weights are put back even if the block raises."""
+        module: Adapter = self._model
+        found = [(param, params[(self.id, name)]) for name, param in module.named_parameters()
+                 if (self.id, name) in params]
+        if not found:
+            yield
+            return
+        backup = [param.detach().clone() for param, _ in found]
+        with torch.no_grad():
+            for param, average in found:
+                param.copy_(xp2torch(average, device=param.device))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (param, _), saved in zip(found, backup):
+                    param.copy_(saved)
 
     def to_bytes(self) -> bytes:
         module: Adapter = self._model
