@@ -66,7 +66,9 @@ class SpacySystem:
             oc = config["training"]["optimizer"]
             self.opt_settings = {k: oc[k] for k in ("beta1", "beta2", "L2", "grad_clip", "eps", "L2_is_weight_decay")}
             self.peak_lr = oc["learn_rate"]["initial_rate"]
-            self.opt = Adam(self.peak_lr, use_averages=bool(cfg.get("use_averages")), **self.opt_settings)
+            # the config's use_averages unless the row says (avg=0/1)
+            averages = bool(cfg.get("use_averages", oc["use_averages"]))
+            self.opt = Adam(self.peak_lr, use_averages=averages, **self.opt_settings)
         self.vocab = self.nlp.vocab
         self.losses: Dict[str, float] = {}
 

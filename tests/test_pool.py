@@ -455,6 +455,29 @@ def test_a_load_beside_a_shared_vocab_keeps_its_lexemes_and_adds_its_strings(sav
         e.label_ for e in spacy.load(root / "ner-b")("alice visited paris with bob").ents]
 
 
+def test_a_strings_file_already_added_to_the_shared_vocab_is_not_read_again(saved, tmp_path, monkeypatch):
+    # Adapters saved from one training run carry the same thousands of
+    # strings; adding them again at every load is wasted time holding the GIL.
+    root = _copy(saved, tmp_path)
+    strings_b = (root / "ner-b" / "vocab" / "strings.json").read_bytes()
+    (root / "ner-c" / "vocab" / "strings.json").write_bytes(strings_b)  # same run, same strings
+    parsed = []
+    real = srsly.json_loads
+    monkeypatch.setattr(srsly, "json_loads", lambda data: parsed.append(data) or real(data))
+    pool = AdapterPool(root, max_loaded=8, check_interval=None)
+    pool.get("ner-a")
+    parsed.clear()
+    second = pool.get("ner-b")
+    assert parsed.count(strings_b) == 1
+    third = pool.get("ner-c")
+    assert parsed.count(strings_b) == 1  # not again
+    assert third.vocab is second.vocab and all(s in third.vocab.strings for s in real(strings_b))
+    other = real(strings_b) + ["only-in-sentiment"]  # another run's strings: read and added
+    srsly.write_json(root / "sentiment" / "vocab" / "strings.json", other)
+    fourth = pool.get("sentiment")
+    assert fourth.vocab is second.vocab and "only-in-sentiment" in fourth.vocab.strings
+
+
 class _CountingRegistry(dict):
     copies = 0
 

@@ -99,11 +99,13 @@ def test_system_variants_parse_and_refuse_what_does_not_apply():
         "prefix", {"num_virtual_tokens": 64, "lr": 0.02, "prefix_projection": 512, "dtype": "bfloat16"})
     assert common.parse_system("st:lr=3e-5") == ("st", {"lr": 3e-5})
     assert common.parse_system("st:lora=8,lr=1e-3") == ("st", {"lora_rank": 8, "lr": 1e-3})
+    assert common.parse_system("prompt:avg=0") == ("prompt", {"use_averages": 0})
     assert "[n=64, lr=0.02]" in common.label("prefix:n=64,lr=0.02", "bc5cdr")
     for bad, why in [("st:n=64", "does not apply"), ("prompt:proj=8", "does not apply"),
                      ("peft:dtype=bfloat16", "does not apply"), ("prefix:dtype=fp8", "dtype is one of"),
                      ("prefix:x=1", "KEY one of"), ("adapter", "unknown system"),
-                     ("prefix:lora=8", "does not apply")]:
+                     ("prefix:lora=8", "does not apply"), ("st:avg=1", "does not apply"),
+                     ("prefix:avg=yes", "avg is 0 or 1")]:
         with pytest.raises(ValueError, match=why):
             common.parse_system(bad)
 

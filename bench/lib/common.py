@@ -71,7 +71,8 @@ VARIANT_KEYS = {"n": "num_virtual_tokens", "lr": "lr", "proj": "prefix_projectio
                 # NER head: tagger (ptuning_ner_tagger: BILUO softmax per token, Viterbi
                 # decoding; the default since 2026-12-07) or parser (ptuning_ner, transition-based)
                 "head": "head",
-                # avg=1: thinc's parameter averages (use_averages), scored and saved with them
+                # avg=1 / avg=0: thinc's parameter averages (use_averages) on / off, whatever the
+                # config says; on, the row is scored and saved with them
                 "avg": "use_averages",
                 # (a) with its transformer frozen and LoRA deltas of rank R on the attention's
                 # query and value (HF PEFT), the design that changes every token's vectors

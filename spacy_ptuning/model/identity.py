@@ -297,6 +297,8 @@ def compare_fingerprints(
     """What differs between two fingerprints, as phrases for a message; empty
     when they agree. ``model`` (the found backbone) lets a sketch saved with
     other sketch settings be recomputed with those."""
+    if expected == found:  # the common case, an adapter on the backbone it was saved from: one C-level compare
+        return []
     differences = []
     arch_e, arch_f = expected.get("architecture") or {}, found.get("architecture") or {}
     changed = [f"{key} {arch_e.get(key)} vs {arch_f.get(key)}" for key in ARCHITECTURE_KEYS if arch_e.get(key) != arch_f.get(key)]

@@ -18,6 +18,7 @@ Why our own: spaCy has no registry of loaded pipelines, and Ray Serve's
 model multiplexing (the scale-out path) needs exactly this per replica: a
 bounded LRU of models loaded by id.
 """
+import hashlib
 import os
 import re
 import threading
@@ -25,7 +26,7 @@ import uuid
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 import spacy
 import srsly
@@ -174,6 +175,7 @@ class AdapterPool:
         self._sizes: Dict[str, int] = {}  # bytes of each pipeline in _loaded, as counted in resident_total
         self._backbones: Dict[int, object] = {}  # strong refs: evictions keep them
         self._tokenizers: Dict[str, object] = {}  # see _spacy_load
+        self._strings_added: Set[Tuple[str, bytes]] = set()  # (tokenizer key, strings.json digest)
         self._configs = ParsedConfigs()  # see _spacy_load
         self._added: Dict[str, str] = {}  # add()/remove() outlive folder rescans
         self._removed: set = set()
@@ -467,8 +469,15 @@ class AdapterPool:
         nlp._config.is_interpolated = False
         strings = path / "vocab" / "strings.json"
         if strings.is_file():
-            for string in srsly.read_json(strings):
-                shared.vocab.strings.add(string)
+            # Adapters saved from one training run carry the same strings
+            # (thousands); a file already added to this vocab is not again.
+            text = strings.read_bytes()
+            seen = (key, hashlib.sha256(text).digest())
+            if seen not in self._strings_added:
+                for string in srsly.json_loads(text):
+                    shared.vocab.strings.add(string)
+                with self._lock:
+                    self._strings_added.add(seen)
         nlp._config["nlp"]["tokenizer"] = own_tokenizer  # nlp.config / to_disk as saved
         return nlp
 
