@@ -1057,6 +1057,30 @@ def test_api_token_request_ids_and_per_adapter_metrics(adapters_dir):
         assert _metric(client, "ptuning_adapter_state", adapter="broken", state="FAILED") == 1
 
 
+def test_per_adapter_metric_series_are_bounded(adapters_dir):
+    """Only the first --metrics-adapters adapters whose texts ran get series
+    of their own; the rest, and names that never ran (unknown, failed to
+    load), are counted under adapter="_other": none is lost, and a client
+    naming random adapters cannot grow the server's memory or its scrapes."""
+    app = _app(adapters_dir, preload=["ner", "fragile"], metrics_adapters=1)
+    with running(app) as (url, _), httpx.Client(base_url=url, timeout=20) as client:
+        _wait_ready(client)
+        assert client.post("/adapters/ner/process", json={"texts": ["alice", "bob"]}).status_code == 200
+        assert client.post("/adapters/fragile/process", json={"texts": ["alice"]}).status_code == 200
+        for i in range(3):
+            assert client.post(f"/adapters/nope{i}/process", json={"texts": ["a"]}).status_code == 404
+        m = _metrics(client)
+        adapters = {dict(labels).get("adapter") for (name, labels) in m
+                    if name.startswith(("ptuning_texts", "ptuning_adapter_request", "ptuning_queue_seconds",
+                                        "ptuning_compute_seconds"))}
+        assert adapters == {"ner", "_other"}
+        assert m[("ptuning_texts_total", frozenset({"adapter": "ner"}.items()))] == 2
+        assert m[("ptuning_texts_total", frozenset({"adapter": "_other"}.items()))] == 1  # fragile's text
+        assert m[("ptuning_adapter_requests_total", frozenset({"adapter": "_other", "status": "200"}.items()))] == 1
+        assert m[("ptuning_adapter_requests_total", frozenset({"adapter": "_other", "status": "404"}.items()))] == 3
+        assert m[("ptuning_compute_seconds_count", frozenset({"adapter": "_other"}.items()))] == 1
+
+
 def test_sigterm_drains_ready_503_while_work_finishes(adapters_dir):
     """The drain phase: after the signal /ready answers 503 and requests
     (in flight and new) are still answered; then the server stops."""

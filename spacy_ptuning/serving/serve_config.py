@@ -53,6 +53,7 @@ class ServeConfig:
     preload: Sequence[str] = _opt(tuple, "Adapters to load at start, comma-separated, or 'all'; /ready answers 200 once they are loaded")
     retry_after_s: int = _opt(1, "The smallest Retry-After of a 503")
     gc_freeze_s: float = _opt(5.0, "While adapters load: seconds between freezes of the process's objects out of the cycle collector (gc.freeze), and one after the last load; 0: never (full collections then walk every resident adapter: 3.5 s at 10,000). See docs/serving.md", "--gc-freeze-interval")
+    metrics_adapters: int = _opt(100, "Most adapters with /metrics series of their own (the first whose texts ran); the others are counted under adapter=\"_other\", so that thousands of adapters, or requests naming unknown ones, do not make thousands of series (each about 115 Python objects)")
     load_share: float = _opt(0.25, "Share of the time that loading adapters for requests may take while batches wait (1: waiting loads always go first); loads run one at a time, between batches; cold requests that could not be loaded within half of --timeout get 503 with Retry-After. See docs/serving.md")
 
     def __post_init__(self) -> None:
@@ -66,8 +67,8 @@ class ServeConfig:
             raise ValueError("timeout_s, max_queue_wait_s and read_timeout_s must be positive and max_wait_ms at least 0")
         if not 0 < self.load_share <= 1:
             raise ValueError(f"load_share must be above 0 and at most 1, got {self.load_share!r}")
-        if self.threads < 0 or self.drain_s < 0 or self.gc_freeze_s < 0:
-            raise ValueError("threads, drain_s and gc_freeze_s must be at least 0")
+        if self.threads < 0 or self.drain_s < 0 or self.gc_freeze_s < 0 or self.metrics_adapters < 0:
+            raise ValueError("threads, drain_s, gc_freeze_s and metrics_adapters must be at least 0")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
 

@@ -133,6 +133,7 @@ def public_info(info: dict) -> dict:
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 MIXED = "_mixed"  # the adapter label of a /process request over several adapters
+OTHER = "_other"  # the adapter label past --metrics-adapters (and of adapters whose texts never ran)
 
 
 class _PoolCollector:
@@ -202,7 +203,15 @@ class _Metrics:
     """Prometheus metrics; the batcher's observer."""
 
     def __init__(self, pool: AdapterPool, batcher_pending, load_budget: LoadBudget,
-                 freezer: Optional[gc_pauses.Freezer] = None) -> None:
+                 freezer: Optional[gc_pauses.Freezer] = None, max_adapters: int = 100) -> None:
+        # Series by adapter for the first max_adapters adapters whose texts
+        # ran, the rest under OTHER: prometheus_client keeps every labelled
+        # series for the process's life (a histogram's is about 40 objects),
+        # so unbounded labels grew memory, the objects the cycle collector
+        # freezes, and every scrape, with each adapter ever asked for.
+        self.max_adapters = max_adapters
+        self._labelled: set = set()
+        self._labels_lock = threading.Lock()
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -259,13 +268,27 @@ class _Metrics:
         gc_pauses.install()
         r.register(_GcCollector(freezer))
 
+    def adapter_label(self, name: str, ran: bool = False) -> str:
+        """``name`` if it has series of its own (given to it now if its texts
+        ``ran`` and fewer than ``max_adapters`` adapters have them), else
+        OTHER; MIXED stays MIXED."""
+        if name == MIXED or name in self._labelled:
+            return name
+        if ran:
+            with self._labels_lock:
+                if name in self._labelled or len(self._labelled) < self.max_adapters:
+                    self._labelled.add(name)
+                    return name
+        return OTHER
+
     # the batcher's observer
     def batch(self, texts: List[Tuple[str, Any]], seconds: float, stats) -> None:
         self.batch_texts.observe(len(texts))
         self.batch_adapters.observe(len({name for name, _ in texts}))
         self.batch_seconds.observe(seconds)
         for name, result in texts:
-            (self.text_failures if isinstance(result, str) else self.texts).labels(name).inc()
+            label = self.adapter_label(name, ran=True)
+            (self.text_failures if isinstance(result, str) else self.texts).labels(label).inc()
         if stats is not None:
             self.passes.inc(stats.passes)
             self.rows.inc(stats.rows)
@@ -273,7 +296,7 @@ class _Metrics:
                 self.pass_adapters.observe(n)
 
     def answered(self, job: Job) -> None:
-        label = _job_label(job)
+        label = self.adapter_label(_job_label(job))
         if job.started is not None:
             self.queue_seconds.labels(label).observe(max(0.0, job.started - job.enqueued))
         self.compute_seconds.labels(label).observe(job.compute_seconds)
@@ -405,7 +428,8 @@ class _State:
         # adapter (gc_pauses.py); started with the app, and once after the
         # preloads.
         self.freezer = gc_pauses.Freezer(lambda: pool.loads_done, config.gc_freeze_s)
-        self.metrics = _Metrics(pool, lambda: self.batcher.pending, self.load_budget, self.freezer)
+        self.metrics = _Metrics(pool, lambda: self.batcher.pending, self.load_budget, self.freezer,
+                                max_adapters=config.metrics_adapters)
         self.batcher: Batcher = pipeline_batcher(config, self.metrics, self.load_budget)
         self.closing = False  # draining or stopping: /ready answers 503
         self.preloaded = threading.Event()
@@ -767,6 +791,7 @@ async def _answer(
         status[0] = e.status_code
         raise
     finally:
+        label = state.metrics.adapter_label(label)
         state.metrics.adapter_requests.labels(label, str(status[0])).inc()
         state.metrics.adapter_latency.labels(label).observe(loop.time() - start)
 
