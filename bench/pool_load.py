@@ -1,16 +1,25 @@
 #!/usr/bin/env python
 """Loading an adapter into a running process whose backbone is already in
 memory: AdapterPool.get (shared Vocab/Tokenizer) vs spacy.load, on the load
-test's ten adapters (bench/serve_load.py builds them once).
+test's ten adapters (bench/serve_load.py builds them once), and the pool's
+loads of their compacted serving copies (``spacy ptuning compact``, made
+here in a temporary folder), per adapter kind, in one run.
 
     python bench/pool_load.py [--rounds 5]
 """
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 from lib import common
 from lib.serving import build_adapters
+
+
+def _p95(times):
+    times = sorted(times)
+    return times[min(len(times) - 1, round(0.95 * (len(times) - 1)))]
 
 
 def main() -> None:
@@ -19,27 +28,46 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
     import spacy
+    from spacy_ptuning.pipeline.compaction import save_compacted
     from spacy_ptuning.serving.pool import AdapterPool
 
     folder = build_adapters(common.RESULTS / "serve_adapters", common.Path(args.data_dir), False)["ptuning"]
-    pool = AdapterPool(folder, max_loaded=1)  # every get of another name loads it
-    names = pool.names()
-    pool.get(names[0])("warm up")  # the backbone, and the first tokenizer, in memory
-    pooled, plain = [], []
-    for _ in range(args.rounds):
-        for name in names[1:]:
-            start = time.perf_counter()
-            pool.get(name)
-            pooled.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            spacy.load(folder / name)
-            plain.append(time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as tmp:
+        compacted = Path(tmp)
+        sizes = {}
+        for path in sorted(folder.iterdir()):
+            if (path / "config.cfg").is_file():
+                _, before, after = save_compacted(path, compacted / path.name)
+                sizes[path.name] = (before, after)
+        pools = {"AdapterPool.get": AdapterPool(folder, max_loaded=1),  # every get of another name loads it
+                 "AdapterPool.get, compacted copies": AdapterPool(compacted, max_loaded=1)}
+        *names, warm = pools["AdapterPool.get"].names()
+        for pool in pools.values():
+            pool.get(warm)("warm up")  # the backbone, and the first tokenizer, in memory
+        times = {label: {} for label in (*pools, "spacy.load")}
+        for _ in range(args.rounds):  # alternately, so that a busier moment hits all alike
+            for name in names:
+                for label, pool in pools.items():
+                    start = time.perf_counter()
+                    pool.get(name)
+                    times[label].setdefault(name, []).append(time.perf_counter() - start)
+                    pool.get(warm)
+                start = time.perf_counter()
+                spacy.load(folder / name)
+                times["spacy.load"].setdefault(name, []).append(time.perf_counter() - start)
     print("| how | loads | p50 ms | p95 ms |")
     print("| --- | ---: | ---: | ---: |")
-    for label, times in (("AdapterPool.get", pooled), ("spacy.load", plain)):
-        times = sorted(times)
-        p95 = times[min(len(times) - 1, round(0.95 * (len(times) - 1)))]
-        print(f"| {label} | {len(times)} | {1000 * statistics.median(times):.0f} | {1000 * p95:.0f} |")
+    for label, per_name in times.items():
+        every = [t for ts in per_name.values() for t in ts]
+        print(f"| {label} | {len(every)} | {1000 * statistics.median(every):.0f} | {1000 * _p95(every):.0f} |")
+    print()
+    print("| adapter | saved MB | compacted MB | pool p50 / max ms | compacted p50 / max ms |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    plain, small = times["AdapterPool.get"], times["AdapterPool.get, compacted copies"]
+    for name in names:
+        before, after = sizes[name]
+        print(f"| {name} | {before / 2**20:.2f} | {after / 2**20:.2f} | {1000 * statistics.median(plain[name]):.0f} / "
+              f"{1000 * max(plain[name]):.0f} | {1000 * statistics.median(small[name]):.0f} / {1000 * max(small[name]):.0f} |")
 
 
 if __name__ == "__main__":

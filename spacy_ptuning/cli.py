@@ -22,7 +22,7 @@ from .serving.serve_config import ServeConfig, config_fields
 
 ptuning_cli = typer.Typer(
     name="ptuning",
-    help="spacy-ptuning commands: serve a folder of adapters over HTTP; annotate a dataset with Ray Data.",
+    help="spacy-ptuning commands: serve a folder of adapters over HTTP; save a compacted serving copy; annotate a dataset with Ray Data.",
     no_args_is_help=True,
 )
 app.add_typer(ptuning_cli)
@@ -104,6 +104,31 @@ _FIELD_TYPES = {
 serve_cli.__signature__ = _serve_signature()  # type: ignore[attr-defined]
 serve_cli.__annotations__ = {p.name: p.annotation for p in serve_cli.__signature__.parameters.values()}  # type: ignore[attr-defined]
 ptuning_cli.command("serve")(serve_cli)
+
+
+@ptuning_cli.command("compact")
+def compact_cli(
+    # fmt: off
+    source: Path = Arg(..., help="A saved pipeline folder (nlp.to_disk) with spacy-ptuning components; never changed", exists=True, file_okay=False),
+    output: Path = Arg(..., help="Folder for the compacted copy (written beside it, then renamed into place)"),
+    force: bool = Opt(False, "--force", "-F", help="Replace OUTPUT if it exists"),
+    code_path: Optional[Path] = Opt(None, "--code", "-c", help="Path to Python file with additional code to import before loading"),
+    # fmt: on
+):
+    """Save a serving copy of a pipeline: each adapter's prompt module (a
+    P-Tuning v1 encoder, a prefix MLP) replaced by the prompts it computes.
+    It predicts the same and loads faster, but cannot be trained: keep
+    SOURCE to train (spacy_ptuning.pipeline.compaction)."""
+    from .errors import PTuningError
+    from .pipeline.compaction import save_compacted
+
+    import_code(code_path)
+    try:
+        count, before, after = save_compacted(source, output, force=force)
+    except PTuningError as e:  # bad input: the message says what to do
+        typer.echo(str(e), err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{count} adapter(s) compacted: {output} ({after / 2**20:.2f} MB; {source}: {before / 2**20:.2f} MB)")
 
 
 @ptuning_cli.command("annotate")

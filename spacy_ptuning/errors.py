@@ -206,9 +206,11 @@ class Errors(metaclass=ErrorsWithCodes):
     # Serving many adapters (E049-): spacy_ptuning.model.adapter, serving.pool.
     E049 = (
         "This adapter was compacted for serving (its prompt module replaced by "
-        "the prompts it computes, to save memory) and cannot be {action}. Load "
-        "the pipeline again from disk (spacy.load) to train or save it; an "
-        "AdapterPool compacts only with compact=True."
+        "the prompts it computes, to save memory: AdapterPool(compact=True), "
+        "Adapter.compact, or a copy saved by 'spacy ptuning compact') and "
+        "cannot be {action}. To train it, or to save it in full, load the "
+        "pipeline it was made from (spacy.load of the original folder; a copy "
+        "saved compacted holds no prompt module to train)."
     )
     E050 = (
         "This adapter holds {mb:.2f} MB when loaded, more than the whole memory "
@@ -258,6 +260,12 @@ class Errors(metaclass=ErrorsWithCodes):
         "entity types are not among its labels {labels}. Initialise it on data "
         "that has every type (or list them in "
         "[initialize.components.{name}.labels]), or remove those entities."
+    )
+
+    E059 = (
+        "Cannot make a compacted copy of '{path}': {why}. Usage: python -m "
+        "spacy ptuning compact SOURCE OUTPUT [--force], where SOURCE is a "
+        "pipeline folder saved by nlp.to_disk with spacy-ptuning components."
     )
 
 

@@ -22,11 +22,20 @@ from .methods import MIN_TEXT_POSITIONS, MethodSettings, settings_for  # noqa: F
 
 class FixedPrompts(torch.nn.Module):
     """An adapter's prompts computed once (:meth:`Adapter.compact`): one
-    buffer, not saved, no parameters."""
+    buffer, ``prompts.row`` in the adapter's state, no parameters. A float32
+    row is exactly what the prompt module computed, so it can be saved (a
+    serving copy, ``serialization.COMPACTED_FORMAT``); a rounded one cannot."""
 
     def __init__(self, row: torch.Tensor):
         super().__init__()
-        self.register_buffer("row", row.detach().clone(memory_format=torch.contiguous_format), persistent=False)
+        self.register_buffer("row", row.detach().clone(memory_format=torch.contiguous_format))
+
+    @property
+    def savable(self) -> bool:
+        """Whether the row is the exact float32 output of the prompt module
+        it replaced (float32 is the module's own dtype; a row held in the
+        backbone's bfloat16 or in float16 storage is rounded)."""
+        return self.row.dtype == torch.float32
 
     def forward(self) -> torch.Tensor:
         return self.row
@@ -97,43 +106,64 @@ class Adapter(torch.nn.Module):
         return isinstance(self.prompts, FixedPrompts)
 
     def compact(self, dtype: Optional[str] = None) -> int:
-        """For inference only (a server's resident adapter): replace the
-        prompt module (a P-Tuning v1 encoder, a prefix MLP, free prompt
-        parameters) by the one row of prompts it computes, in the backbone's
-        dtype, and free its weights; returns the bytes freed.
+        """For inference only (a server's resident adapter, a serving copy):
+        replace the prompt module (a P-Tuning v1 encoder, a prefix MLP, free
+        prompt parameters) by the one row of prompts it computes, and free
+        its weights; returns the bytes freed.
 
-        ``dtype`` ("float16"): hold the row in this dtype where that takes
-        fewer bytes than the backbone's dtype (a float32 backbone; a
-        bfloat16 row stays as it is), cast to the backbone's at each use:
-        half the bytes, the predictions those of the row rounded to
-        ``dtype``. Given on a compacted adapter, it converts the row held.
+        ``dtype``: None holds the row in the backbone's dtype (no cast at
+        use). "float16" holds it in float16 where that takes fewer bytes
+        than the backbone's dtype (a float32 backbone; a bfloat16 row stays
+        as it is), cast to the backbone's at each use: half the bytes, the
+        predictions those of the row rounded to float16. "float32" holds the
+        row exactly as the module computes it (its parameters are float32):
+        the form a compacted adapter is saved in (``spacy ptuning compact``;
+        on a bfloat16 backbone twice the bytes of None, cast at each use).
+        On a compacted adapter, None and "float16" convert the row held to
+        fewer bytes, never to more.
 
         The adapter predicts exactly as before (the same row that
-        :meth:`prompt_row` caches at inference, which then is the only
-        copy), but it can no longer be trained or saved (PT-E049). Why: a
-        P-Tuning v1 encoder or a reparameterised prefix holds 10-30x the
-        bytes of the prompts it produces, and a server holding thousands of
-        adapters needs only the prompts. Compact after placing the adapter
+        :meth:`prompt_row` caches at inference, cast the same way), but it
+        can no longer be trained (PT-E049), and it saves as its row
+        (``serialization.COMPACTED_FORMAT``), only while the row is float32.
+        Why: a P-Tuning v1 encoder or a reparameterised prefix holds 10-30x
+        the bytes of the prompts it produces, and a server holding thousands
+        of adapters needs only the prompts. Compact after placing the adapter
         on its device: with no parameters left, a later ``.to(device)``
         cannot tell which shared backbone to rebind to."""
         storage = None if dtype is None else _torch_dtype(dtype)
+        backbone_dtype = self.backbone.model.dtype
         if self.compacted:
             row = self.prompts.row
             before = row.numel() * row.element_size()
+            target = backbone_dtype if storage is None else storage
+            if target.itemsize >= row.element_size():
+                return 0  # never more bytes a value (a bfloat16 row stays as it is)
         else:
             before = sum(t.numel() * t.element_size() for t in self.prompts.parameters())
             training = self.training
             self.eval()
             with torch.no_grad():
-                row = self.prompt_row()
+                row = self.prompts().float()  # what prompt_row casts to the backbone's dtype
             self.train(training)
-        if storage is not None and storage.itemsize < row.element_size():
-            row = row.to(storage)
-        elif self.compacted:
-            return 0  # nothing to convert
+            if storage == torch.float32:
+                target = torch.float32
+            elif storage is not None and storage.itemsize < backbone_dtype.itemsize:
+                target = storage
+            else:
+                target = backbone_dtype
+        row = row.to(target)
         self.prompts = FixedPrompts(row)
         self._prompt_cache = None
         return before - row.numel() * row.element_size()
+
+    def row_shape(self) -> tuple:
+        """The shape of this adapter's prompt row: (V, embed_width) input
+        prompts or (layers, 2, P, kv_width) prefixes (see :meth:`prompt_row`)."""
+        bb = self.backbone
+        if self.input_prompts:
+            return (self.num_virtual_tokens, bb.embed_width)
+        return (bb.num_layers, 2, self.num_virtual_tokens, bb.kv_width)
 
     def prompt_row(self) -> torch.Tensor:
         """This adapter's prompts for one row, in the backbone's dtype:

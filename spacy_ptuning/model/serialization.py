@@ -15,6 +15,14 @@ in order: the backbone's identity (E006), the checksum (E015), that the
 tensors are finite (E014), and that they fit the configured prompts (E007).
 Format /1 (no checksum, a sampled weight hash) still loads.
 
+A compacted adapter (``Adapter.compact``, ``spacy ptuning compact``) saves
+as format ``spacy-ptuning-adapter/3``: the same envelope with
+``"compacted": true``, its weights the float32 prompt row
+(``prompts.row``) in place of the prompt module's parameters. Loading puts
+the row in place of the module the config built (same checks; E007 if its
+shape does not fit). A new format number, so that releases before it refuse
+such a file with E016 (upgrade) instead of a missing-weights error.
+
 thinc's ``Model.from_bytes`` sets every node's dims before it hands the shim
 its bytes, so a backbone of another width would fail there first, as a
 dimension clash; :func:`check_saved_backbone` reads the adapter headers out
@@ -30,7 +38,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from thinc.api import Model, PyTorchShim, torch2xp, xp2torch
 
-from .adapter import Adapter
+from .adapter import Adapter, FixedPrompts
 from .backbone import Backbone
 from ..errors import AdapterError, Errors
 from .identity import compare_fingerprints, compare_legacy, describe_fingerprint, legacy_fingerprint
@@ -38,6 +46,8 @@ from .identity import compare_fingerprints, compare_legacy, describe_fingerprint
 FORMAT_PREFIX = "spacy-ptuning-adapter/"
 ADAPTER_FORMAT = FORMAT_PREFIX + "2"
 LEGACY_FORMAT = FORMAT_PREFIX + "1"
+COMPACTED_FORMAT = FORMAT_PREFIX + "3"
+KNOWN_FORMATS = (LEGACY_FORMAT, ADAPTER_FORMAT, COMPACTED_FORMAT)
 
 
 def weights_checksum(weights: bytes) -> str:
@@ -104,13 +114,14 @@ class AdapterShim(PyTorchShim):
 
     def to_bytes(self) -> bytes:
         module: Adapter = self._model
-        if module.compacted:
-            raise AdapterError(Errors.E049.format(action="saved"))
+        if module.compacted and not module.prompts.savable:
+            raise AdapterError(Errors.E049.format(action="saved (its prompt row is held rounded, in " + str(module.prompts.row.dtype).replace("torch.", "") + ")"))
         tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         weights = st_save(tensors)
         return srsly.msgpack_dumps(
             {
-                "format": ADAPTER_FORMAT,
+                "format": COMPACTED_FORMAT if module.compacted else ADAPTER_FORMAT,
+                "compacted": module.compacted,
                 "backbone": module.backbone.name,
                 "fingerprint": module.backbone.fingerprint(),
                 "method": module.method,
@@ -138,6 +149,10 @@ class AdapterShim(PyTorchShim):
         for name, tensor in tensors.items():
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise AdapterError(Errors.E014.format(tensor=name))
+        if msg["format"] == COMPACTED_FORMAT:
+            # The row takes the place of the prompt module built from the
+            # config; load_state_dict checks its shape against row_shape.
+            module.prompts = FixedPrompts(torch.empty(module.row_shape(), device=module.backbone.device))
         try:
             module.load_state_dict(tensors, strict=True)
             module.invalidate_prompt_cache()
@@ -155,13 +170,13 @@ def read_header(bytes_data: bytes) -> dict:
         fmt = msg.get("format") if isinstance(msg, dict) else None
         if not isinstance(fmt, str) or not fmt.startswith(FORMAT_PREFIX):
             raise ValueError("missing the spacy-ptuning adapter header")
-        if fmt in (ADAPTER_FORMAT, LEGACY_FORMAT):
+        if fmt in KNOWN_FORMATS:
             if not isinstance(msg.get("weights"), bytes) or not isinstance(msg.get("fingerprint"), dict):
                 raise ValueError("the adapter header lacks its weights or fingerprint")
     except Exception as e:
         raise AdapterError(Errors.E008.format(detail=f"{type(e).__name__}: {e}")) from e
-    if fmt not in (ADAPTER_FORMAT, LEGACY_FORMAT):
-        raise AdapterError(Errors.E016.format(found=fmt, known=f"{LEGACY_FORMAT}, {ADAPTER_FORMAT}"))
+    if fmt not in KNOWN_FORMATS:
+        raise AdapterError(Errors.E016.format(found=fmt, known=", ".join(KNOWN_FORMATS)))
     return msg
 
 

@@ -35,7 +35,7 @@ from spacy.language import Language
 
 from ..errors import Errors, PTuningError
 from ..model.adapter import STORAGE_DTYPES
-from ..pipeline.half_storage import halve
+from ..pipeline.compaction import compact_pipeline
 from ..pipeline.transformer_model import find_adapter_layers
 from . import registry_cache
 from .config_cache import ParsedConfigs
@@ -358,12 +358,7 @@ class AdapterPool:
         try:
             nlp, signature = self._consistent_load(entry.location, signature)
             if self.compact:
-                for _, pipe in nlp.pipeline:
-                    adapters = find_adapter_layers(pipe)
-                    for _, _, adapter in adapters:
-                        adapter.compact(self.storage_dtype)
-                    if self.storage_dtype is not None and adapters:  # our components' word features only
-                        halve(pipe.model)
+                compact_pipeline(nlp, self.storage_dtype)
             # No reference cycle left: an evicted pipeline is freed by
             # refcounting, frozen (serve's Freezer) or not (gc_pauses.py).
             untie(nlp)
