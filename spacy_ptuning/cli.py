@@ -112,6 +112,7 @@ def compact_cli(
     source: Path = Arg(..., help="A saved pipeline folder (nlp.to_disk) with spacy-ptuning components; never changed", exists=True, file_okay=False),
     output: Path = Arg(..., help="Folder for the compacted copy (written beside it, then renamed into place)"),
     force: bool = Opt(False, "--force", "-F", help="Replace OUTPUT if it exists"),
+    storage_dtype: Optional[str] = Opt(None, "--storage-dtype", help="float16: save the prompt rows and word features in float16 (about half the bytes; predictions those of the rounded values, as a server with --storage-dtype float16); default: float32, exact"),
     code_path: Optional[Path] = Opt(None, "--code", "-c", help="Path to Python file with additional code to import before loading"),
     # fmt: on
 ):
@@ -124,7 +125,7 @@ def compact_cli(
 
     import_code(code_path)
     try:
-        count, before, after = save_compacted(source, output, force=force)
+        count, before, after = save_compacted(source, output, force=force, storage_dtype=storage_dtype)
     except PTuningError as e:  # bad input: the message says what to do
         typer.echo(str(e), err=True)
         raise typer.Exit(1)

@@ -137,6 +137,42 @@ def test_on_a_bfloat16_backbone_the_copy_holds_float32_and_a_pool_halves_it(tiny
         served.to_disk(tmp_path / "resaved")
 
 
+@pytest.mark.parametrize("method", ["prefix", "prompt_encoder"])
+def test_a_float16_copy_predicts_as_a_float16_pool_in_about_half_the_bytes(tiny_bert, tmp_path, method):
+    from spacy_ptuning.pipeline.half_storage import half_hashembed_forward, half_maxout_forward
+
+    (tmp_path / "src").mkdir()
+    pipeline(tiny_bert, ["ptuning_ner", "ptuning_textcat"], method, 4, 78, word_features=WORDS).to_disk(tmp_path / "src" / "a")
+    _, before, exact = save_compacted(tmp_path / "src" / "a", tmp_path / "exact")
+    _, _, after = save_compacted(tmp_path / "src" / "a", tmp_path / "half" / "a", storage_dtype="float16")
+    held = AdapterPool(tmp_path / "src", check_interval=None, compact=True, storage_dtype="float16").get("a")
+    copy = spacy.load(tmp_path / "half" / "a")
+    halved = 0
+    for name, _, adapter in _adapters(copy):
+        header, tensors = _saved_adapter(tmp_path / "half" / "a", name)
+        assert tensors["prompts.row"].dtype == torch.float16 == adapter.prompts.row.dtype
+        layers = [n for n in copy.get_pipe(name).model.walk() if n.name in ("hashembed", "maxout") and n.has_param("W" if n.name == "maxout" else "E")]
+        assert len(layers) == 7 and all(n._func in (half_hashembed_forward, half_maxout_forward) for n in layers)
+        halved += sum(n.get_param(p).nbytes for n in layers for p in (("E",) if n.name == "hashembed" else ("W", "b")))
+        halved += adapter.prompts.row.numel() * 2
+    assert abs((exact - after) - halved) < 4096  # exactly the halved values are saved in half the bytes
+    want = list(held.pipe(TEXTS_))
+    for docs in (list(copy.pipe(TEXTS_)), pipe_mixed([(copy, t) for t in TEXTS_])):
+        for got, doc in zip(docs, want):
+            assert _ents(got) == _ents(doc) and got.cats == pytest.approx(doc.cats, abs=1e-6)
+    # A pool serving the copy holds it as it is (float16), exact pool or not.
+    served = AdapterPool(tmp_path / "half", check_interval=None, compact=True).get("a")
+    assert all(a.prompts.row.dtype == torch.float16 for _, _, a in _adapters(served))
+    for got, doc in zip(served.pipe(TEXTS_), want):
+        assert _ents(got) == _ents(doc) and got.cats == pytest.approx(doc.cats, abs=1e-6)
+    sgd = copy.resume_training()
+    example = Example.from_dict(copy.make_doc("alice visited paris"), {"entities": [(0, 5, "PER")], "cats": {"POS": 1.0, "NEG": 0.0}})
+    with pytest.raises(AdapterError, match="PT-E049.*trained"):
+        copy.update([example], sgd=sgd)
+    with pytest.raises(PTuningError, match="PT-E054.*bfloat16"):
+        save_compacted(tmp_path / "src" / "a", tmp_path / "other", storage_dtype="bfloat16")
+
+
 def test_bad_input_says_what_to_do_and_changes_nothing(tiny_bert, tmp_path):
     pipeline(tiny_bert, "ptuning_ner", "prefix", 3, 76).to_disk(tmp_path / "a")
     with pytest.raises(PTuningError, match=r"PT-E059.*no config.cfg"):

@@ -13,7 +13,7 @@ from thinc.layers.maxout import forward as maxout_forward
 
 from spacy_ptuning.errors import AdapterError
 from spacy_ptuning.pipeline.gathered_words import gathered_word_features, plan_of
-from spacy_ptuning.pipeline.half_storage import halve
+from spacy_ptuning.pipeline.half_storage import half_hashembed_forward, half_maxout_forward, halve
 from spacy_ptuning.pipeline.transformer_model import find_adapter_layers
 from spacy_ptuning.serving.mixed_batch import pipe_mixed
 from spacy_ptuning.serving.pool import AdapterPool, resident_bytes
@@ -82,8 +82,15 @@ def test_a_float16_pool_predicts_as_the_rounded_pipeline_in_less_memory(tiny_ber
         for got, doc in zip(docs, want):
             assert [(e.start_char, e.end_char, e.label_) for e in got.ents] == [(e.start_char, e.end_char, e.label_) for e in doc.ents]
             assert got.cats == pytest.approx(doc.cats, abs=1e-5)
-    with pytest.raises(Exception, match="PT-E049"):
-        half.to_disk(tmp_path / "copy")
+    # Saved, it is a float16 serving copy: spacy.load gives the float16 forwards back, same predictions.
+    half.to_disk(tmp_path / "copy")
+    copy = spacy.load(tmp_path / "copy")
+    for name, pipe in copy.pipeline:
+        assert all(n._func in (half_hashembed_forward, half_maxout_forward) for n, _ in _halved(pipe.model))
+        assert all(n.get_param(p).dtype == numpy.float16 for n, names in _halved(pipe.model) for p in names)
+    for got, doc in zip(copy.pipe(TEXTS_), half.pipe(TEXTS_)):
+        assert [(e.start_char, e.end_char, e.label_) for e in got.ents] == [(e.start_char, e.end_char, e.label_) for e in doc.ents]
+        assert got.cats == doc.cats
 
 
 def test_a_mixed_batch_of_float16_and_float32_pipelines_equals_each_alone(tiny_bert, tmp_path):

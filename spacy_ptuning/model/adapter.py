@@ -23,8 +23,10 @@ from .methods import MIN_TEXT_POSITIONS, MethodSettings, settings_for  # noqa: F
 class FixedPrompts(torch.nn.Module):
     """An adapter's prompts computed once (:meth:`Adapter.compact`): one
     buffer, ``prompts.row`` in the adapter's state, no parameters. A float32
-    row is exactly what the prompt module computed, so it can be saved (a
-    serving copy, ``serialization.COMPACTED_FORMAT``); a rounded one cannot."""
+    row (exactly what the prompt module computed) or a float16 one (a
+    storage dtype asked for) can be saved, as a serving copy
+    (``serialization.COMPACTED_FORMAT``); a row rounded to the backbone's
+    bfloat16 cannot."""
 
     def __init__(self, row: torch.Tensor):
         super().__init__()
@@ -32,10 +34,11 @@ class FixedPrompts(torch.nn.Module):
 
     @property
     def savable(self) -> bool:
-        """Whether the row is the exact float32 output of the prompt module
-        it replaced (float32 is the module's own dtype; a row held in the
-        backbone's bfloat16 or in float16 storage is rounded)."""
-        return self.row.dtype == torch.float32
+        """Whether the row is held as computed (float32, the prompt module's
+        own dtype) or in the float16 storage a user chose (``compact
+        --storage-dtype``, the pool's ``storage_dtype``), not rounded to a
+        bfloat16 backbone's dtype as a side effect."""
+        return self.row.dtype in (torch.float32, torch.float16)
 
     def forward(self) -> torch.Tensor:
         return self.row
@@ -125,7 +128,8 @@ class Adapter(torch.nn.Module):
         The adapter predicts exactly as before (the same row that
         :meth:`prompt_row` caches at inference, cast the same way), but it
         can no longer be trained (PT-E049), and it saves as its row
-        (``serialization.COMPACTED_FORMAT``), only while the row is float32.
+        (``serialization.COMPACTED_FORMAT``) unless the row is held in a
+        bfloat16 backbone's dtype.
         Why: a P-Tuning v1 encoder or a reparameterised prefix holds 10-30x
         the bytes of the prompts it produces, and a server holding thousands
         of adapters needs only the prompts. Compact after placing the adapter

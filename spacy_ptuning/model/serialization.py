@@ -17,8 +17,9 @@ Format /1 (no checksum, a sampled weight hash) still loads.
 
 A compacted adapter (``Adapter.compact``, ``spacy ptuning compact``) saves
 as format ``spacy-ptuning-adapter/3``: the same envelope with
-``"compacted": true``, its weights the float32 prompt row
-(``prompts.row``) in place of the prompt module's parameters. Loading puts
+``"compacted": true``, its weights the prompt row (``prompts.row``,
+float32 as computed, or float16 in a copy asked for in float16) in place of
+the prompt module's parameters. Loading puts
 the row in place of the module the config built (same checks; E007 if its
 shape does not fit). A new format number, so that releases before it refuse
 such a file with E016 (upgrade) instead of a missing-weights error.
@@ -115,7 +116,7 @@ class AdapterShim(PyTorchShim):
     def to_bytes(self) -> bytes:
         module: Adapter = self._model
         if module.compacted and not module.prompts.savable:
-            raise AdapterError(Errors.E049.format(action="saved (its prompt row is held rounded, in " + str(module.prompts.row.dtype).replace("torch.", "") + ")"))
+            raise AdapterError(Errors.E049.format(action="saved (its prompt row is held rounded to the backbone's " + str(module.prompts.row.dtype).replace("torch.", "") + ")"))
         tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         weights = st_save(tensors)
         return srsly.msgpack_dumps(
@@ -152,7 +153,9 @@ class AdapterShim(PyTorchShim):
         if msg["format"] == COMPACTED_FORMAT:
             # The row takes the place of the prompt module built from the
             # config; load_state_dict checks its shape against row_shape.
-            module.prompts = FixedPrompts(torch.empty(module.row_shape(), device=module.backbone.device))
+            saved = tensors.get("prompts.row")
+            dtype = saved.dtype if saved is not None and saved.dtype in (torch.float32, torch.float16) else torch.float32
+            module.prompts = FixedPrompts(torch.empty(module.row_shape(), dtype=dtype, device=module.backbone.device))
         try:
             module.load_state_dict(tensors, strict=True)
             module.invalidate_prompt_cache()

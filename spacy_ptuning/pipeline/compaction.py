@@ -6,9 +6,9 @@ it computes (``Adapter.compact``). A server needs only that row; a P-Tuning
 v1 adapter saves a bi-LSTM and MLP of about 8 MB on MiniLM to produce a
 row of tens of KB, and a load reads, checks and runs all of it. The saved
 copy (adapter format /3, ``model.serialization``) holds the exact float32
-row instead: it predicts what the original predicts, loads like a
-prompt-tuning adapter, and cannot be trained (PT-E049), so the original
-stays the one to train. Why our own step rather than a config change: the
+row instead (or float16 rows and word features, half the bytes): it
+predicts what the original predicts, loads like a prompt-tuning adapter,
+and cannot be trained (PT-E049), so the original stays the one to train. Why our own step rather than a config change: the
 row is the output of trained weights, not a setting, and the copy keeps the
 original's config so that the pool, the server and ``spacy.load`` read it
 as they read any pipeline.
@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple, Union
 
 from spacy.language import Language
 
-from ..errors import Errors, PTuningError
+from ..errors import ConfigError, Errors, PTuningError
 from ..model.adapter import Adapter
 from .half_storage import halve
 from .transformer_model import find_adapter_layers
@@ -42,15 +42,21 @@ def compact_pipeline(nlp: Language, storage_dtype: Optional[str] = None) -> List
     return found
 
 
-def save_compacted(source: Union[str, Path], output: Union[str, Path], force: bool = False) -> Tuple[int, int, int]:
+def save_compacted(source: Union[str, Path], output: Union[str, Path], force: bool = False,
+                   storage_dtype: Optional[str] = None) -> Tuple[int, int, int]:
     """Load the pipeline at ``source``, compact its adapters to exact
     float32 rows and save it to ``output`` (written next to it and renamed
     into place, so a server watching the folder never sees half a copy).
-    Returns (adapters compacted, bytes of ``source``, bytes of ``output``).
-    ``source`` is never changed; an ``output`` that exists is replaced only
-    with ``force``."""
+    ``storage_dtype="float16"`` saves the rows and our components' word
+    features (hash tables, maxout weights) in float16, as a server with
+    ``--storage-dtype float16`` holds them: about half the bytes, the
+    predictions those of the values rounded to float16. Returns (adapters
+    compacted, bytes of ``source``, bytes of ``output``). ``source`` is never
+    changed; an ``output`` that exists is replaced only with ``force``."""
     import spacy
 
+    if storage_dtype not in (None, "float32", "float16"):
+        raise ConfigError(Errors.E054.format(value=storage_dtype, why=" for a compacted copy", allowed=["float32", "float16"]))
     source, output = Path(source), Path(output)
     if not (source / "config.cfg").is_file():
         raise PTuningError(Errors.E059.format(path=source, why="it holds no config.cfg (not a saved pipeline folder)"))
@@ -60,6 +66,8 @@ def save_compacted(source: Union[str, Path], output: Union[str, Path], force: bo
         raise PTuningError(Errors.E059.format(path=output, why="the output folder exists; give --force to replace it"))
     nlp = spacy.load(source)
     adapters = compact_pipeline(nlp, "float32")
+    if storage_dtype == "float16":
+        compact_pipeline(nlp, "float16")
     if not adapters:
         raise PTuningError(Errors.E059.format(path=source, why="its pipeline has no spacy-ptuning adapter to compact"))
     output.parent.mkdir(parents=True, exist_ok=True)

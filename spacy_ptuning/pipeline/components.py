@@ -12,6 +12,7 @@ from thinc.api import Config, Model
 from ..errors import AdapterError, Errors, PTuningError
 from ..model.serialization import check_saved_backbone
 from .entity_tagger import EntityTagger
+from .half_storage import halve_loaded
 from .transformer_model import get_adapter
 
 
@@ -160,19 +161,23 @@ class _AdapterLoading:
             model_file = Path(path) / "model"
             if "model" not in exclude and model_file.is_file():
                 check_saved_backbone(self.model, model_file.read_bytes())
-            return super().from_disk(path, exclude=exclude)
+            loaded = super().from_disk(path, exclude=exclude)
         except OSError:
             raise
         except Exception as e:
             raise _load_error(e, f"{path}") from e
+        halve_loaded(self.model)  # word features saved in float16 (a serving copy)
+        return loaded
 
     def from_bytes(self, bytes_data, *, exclude=tuple()):
         try:
             if "model" not in exclude:
                 check_saved_backbone(self.model, _saved_model(bytes_data))
-            return super().from_bytes(bytes_data, exclude=exclude)
+            loaded = super().from_bytes(bytes_data, exclude=exclude)
         except Exception as e:
             raise _load_error(e, "bytes") from e
+        halve_loaded(self.model)
+        return loaded
 
 
 def _saved_model(bytes_data) -> bytes:

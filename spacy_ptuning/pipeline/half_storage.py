@@ -15,7 +15,10 @@ thinc's ``Maxout`` multiplies with ``ops.gemm``, float32 only. The two
 forwards here are thinc's, with the table's sum replaced
 (:func:`gather_rows`) and the maxout weights read as float32
 (:class:`_Float32Params`). Inference only: a halved model is never trained
-or saved (the pool that halves it also compacts its adapters, PT-E049).
+(PT-E049). Saved, it keeps its float16 parameters (the pool that halves it
+also compacts its adapters: a serving copy, ``pipeline.compaction``), and
+our components' loads give layers whose saved parameters are float16 the
+forwards here again (:func:`halve_loaded`).
 Other layers (layer norms, heads, spaCy's parser, whose weights its Cython
 code reads as float32) keep their float32 parameters.
 """
@@ -116,3 +119,18 @@ def halve(model: Model) -> int:
             freed += value.nbytes - half.nbytes
         node._func = half_forward
     return freed
+
+
+def halve_loaded(model: Model) -> int:
+    """After a load: the ``HashEmbed`` and ``Maxout`` layers under ``model``
+    whose parameters were saved in float16 (a serving copy, ``python -m
+    spacy ptuning compact --storage-dtype float16``) run the float16
+    forwards above (thinc's own would fail on them); returns how many."""
+    count = 0
+    for node in model.walk():
+        if node._func in _HALVED:
+            _, names = _HALVED[node._func]
+            if all(node.has_param(name) for name in names) and any(node.get_param(name).dtype == numpy.float16 for name in names):
+                halve(node)
+                count += 1
+    return count
