@@ -2,8 +2,9 @@
 """Loading an adapter into a running process whose backbone is already in
 memory: AdapterPool.get (shared Vocab/Tokenizer) vs spacy.load, on the load
 test's ten adapters (bench/serve_load.py builds them once), and the pool's
-loads of their compacted serving copies (``spacy ptuning compact``, made
-here in a temporary folder), per adapter kind, in one run.
+loads of their compacted serving copies (``spacy ptuning compact``, float32
+and ``--storage-dtype float16`` into a pool with ``storage_dtype="float16"``;
+made here in a temporary folder), per adapter kind, in one run.
 
     python bench/pool_load.py [--rounds 5]
 """
@@ -33,14 +34,16 @@ def main() -> None:
 
     folder = build_adapters(common.RESULTS / "serve_adapters", common.Path(args.data_dir), False)["ptuning"]
     with tempfile.TemporaryDirectory() as tmp:
-        compacted = Path(tmp)
+        compacted, halved = Path(tmp) / "float32", Path(tmp) / "float16"
         sizes = {}
         for path in sorted(folder.iterdir()):
             if (path / "config.cfg").is_file():
                 _, before, after = save_compacted(path, compacted / path.name)
-                sizes[path.name] = (before, after)
+                _, _, half = save_compacted(path, halved / path.name, storage_dtype="float16")
+                sizes[path.name] = (before, after, half)
         pools = {"AdapterPool.get": AdapterPool(folder, max_loaded=1),  # every get of another name loads it
-                 "AdapterPool.get, compacted copies": AdapterPool(compacted, max_loaded=1)}
+                 "AdapterPool.get, compacted copies": AdapterPool(compacted, max_loaded=1),
+                 "AdapterPool.get, float16 compacted copies": AdapterPool(halved, max_loaded=1, storage_dtype="float16", compact=True)}
         *names, warm = pools["AdapterPool.get"].names()
         for pool in pools.values():
             pool.get(warm)("warm up")  # the backbone, and the first tokenizer, in memory
@@ -61,13 +64,12 @@ def main() -> None:
         every = [t for ts in per_name.values() for t in ts]
         print(f"| {label} | {len(every)} | {1000 * statistics.median(every):.0f} | {1000 * _p95(every):.0f} |")
     print()
-    print("| adapter | saved MB | compacted MB | pool p50 / max ms | compacted p50 / max ms |")
+    print("| adapter | saved MB: as trained / compacted / float16 | load p50 / max ms: as trained | compacted | float16 |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    plain, small = times["AdapterPool.get"], times["AdapterPool.get, compacted copies"]
+    cells = lambda ts: f"{1000 * statistics.median(ts):.0f} / {1000 * max(ts):.0f}"  # noqa: E731
     for name in names:
-        before, after = sizes[name]
-        print(f"| {name} | {before / 2**20:.2f} | {after / 2**20:.2f} | {1000 * statistics.median(plain[name]):.0f} / "
-              f"{1000 * max(plain[name]):.0f} | {1000 * statistics.median(small[name]):.0f} / {1000 * max(small[name]):.0f} |")
+        mb = " / ".join(f"{b / 2**20:.2f}" for b in sizes[name])
+        print(f"| {name} | {mb} | " + " | ".join(cells(times[label][name]) for label in pools) + " |")
 
 
 if __name__ == "__main__":

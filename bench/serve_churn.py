@@ -23,8 +23,11 @@ docs/s, p50/p95, the pool's loads and evictions, RSS at the end.
 
     python bench/serve_churn.py [--on-disk 3000] [--resident 1000] [--corrupt 30] [--seconds 120]
 
-The copies (about 1.4 MB each) go to bench/results/churn_adapters/ and are
-deleted at the end unless --keep.
+The copies (about 2 MB each) go to bench/results/churn_adapters/ and are
+deleted at the end unless --keep. ``--compact float32|float16`` makes them
+from compacted serving copies of the ten kinds (``spacy ptuning compact
+[--storage-dtype float16]``): what an operator with tens of thousands of
+adapters on disk would serve; float16 copies take about half the disk.
 """
 import argparse
 import asyncio
@@ -106,6 +109,8 @@ def main() -> None:
     p.add_argument("--server-args", default="")
     p.add_argument("--out-dir", type=Path, default=common.RESULTS)
     p.add_argument("--keep", action="store_true", help="keep the adapter copies")
+    p.add_argument("--compact", choices=("none", "float32", "float16"), default="none",
+                   help="copy compacted serving copies of the kinds (spacy ptuning compact), in this dtype")
     args = p.parse_args()
 
     texts = tenant_texts(args.data_dir)
@@ -116,9 +121,17 @@ def main() -> None:
     started, load_start = time.time(), os.getloadavg()
     try:
         t0 = time.perf_counter()
+        if args.compact != "none":
+            from spacy_ptuning.pipeline.compaction import save_compacted
+
+            kinds = folder / ".kinds"  # hidden: the pool does not serve it
+            for kind in sorted(p for p in base.iterdir() if (p / "config.cfg").is_file()):
+                save_compacted(kind, kinds / kind.name, storage_dtype=args.compact)
+            base = kinds
         tasks = make_adapters(base, folder, args.on_disk, 0)
         broken = dict(broken_copy(base, folder, FAULTS[k % len(FAULTS)], k) for k in range(args.corrupt))
         made_s = time.perf_counter() - t0
+        disk_mb = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
         server = Server(folder, load_test_args(args.mode, args.resident, "all") + args.server_args.split())
         try:
             t0 = time.perf_counter()
@@ -184,7 +197,8 @@ def main() -> None:
               f"mode {args.mode}, 503s retried for {args.retry_for:g} s, server args {args.server_args!r}; "
               f"{row['retried']:,} requests retried a 503; frozen objects {row['frozen_before']:,.0f} before the traffic, "
               f"{row['frozen_after']:,.0f} after; copies made in {made_s:.0f} s, server ready (preload of "
-              f"{args.resident:,}) in {ready_s:.0f} s; server alive at the end: {alive}; "
+              f"{args.resident:,}) in {ready_s:.0f} s; adapters on disk {disk_mb:,.0f} MB (--compact {args.compact}); "
+              f"server alive at the end: {alive}; "
               f"total {(time.time() - started) / 60:.1f} min.")
     if lost:
         footer += "\n\nLost, first five: " + "; ".join(f"{r['name']}: {r['code']} {r['detail'][:120]}" for r in lost[:5])
