@@ -173,7 +173,7 @@ def test_a_float16_copy_predicts_as_a_float16_pool_in_about_half_the_bytes(tiny_
         save_compacted(tmp_path / "src" / "a", tmp_path / "other", storage_dtype="bfloat16")
 
 
-def test_bad_input_says_what_to_do_and_changes_nothing(tiny_bert, tmp_path):
+def test_bad_input_says_what_to_do_and_changes_nothing(tiny_bert, tmp_path, monkeypatch):
     pipeline(tiny_bert, "ptuning_ner", "prefix", 3, 76).to_disk(tmp_path / "a")
     with pytest.raises(PTuningError, match=r"PT-E059.*no config.cfg"):
         save_compacted(tmp_path, tmp_path / "b")
@@ -184,6 +184,22 @@ def test_bad_input_says_what_to_do_and_changes_nothing(tiny_bert, tmp_path):
     with pytest.raises(PTuningError, match=r"PT-E059.*--force"):
         save_compacted(tmp_path / "a", tmp_path / "b")
     assert (tmp_path / "b" / "keep.txt").read_text() == "mine"
+    # A copy that cannot take the output's place leaves the output as it was.
+    from spacy_ptuning.pipeline import compaction
+
+    real, calls = compaction.os.replace, []
+
+    def failing_second(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise OSError("disk gone")
+        real(src, dst)
+
+    monkeypatch.setattr(compaction.os, "replace", failing_second)
+    with pytest.raises(OSError, match="disk gone"):
+        save_compacted(tmp_path / "a", tmp_path / "b", force=True)
+    monkeypatch.undo()
+    assert len(calls) == 3 and (tmp_path / "b" / "keep.txt").read_text() == "mine"
     assert save_compacted(tmp_path / "a", tmp_path / "b", force=True)[0] == 1
     assert not (tmp_path / "b" / "keep.txt").exists() and spacy.load(tmp_path / "b").pipe_names == ["ptuning_ner"]
     spacy.blank("en").to_disk(tmp_path / "blank")

@@ -19,9 +19,8 @@ A compacted adapter (``Adapter.compact``, ``spacy ptuning compact``) saves
 as format ``spacy-ptuning-adapter/3``: the same envelope with
 ``"compacted": true``, its weights the prompt row (``prompts.row``,
 float32 as computed, or float16 in a copy asked for in float16) in place of
-the prompt module's parameters. Loading puts
-the row in place of the module the config built (same checks; E007 if its
-shape does not fit). A new format number, so that releases before it refuse
+the prompt module's parameters. Loading puts the row in place of the module
+the config built (same checks; E007 if its shape does not fit). A new format number, so that releases before it refuse
 such a file with E016 (upgrade) instead of a missing-weights error.
 
 thinc's ``Model.from_bytes`` sets every node's dims before it hands the shim
@@ -122,7 +121,7 @@ class AdapterShim(PyTorchShim):
         return srsly.msgpack_dumps(
             {
                 "format": COMPACTED_FORMAT if module.compacted else ADAPTER_FORMAT,
-                "compacted": module.compacted,
+                **({"compacted": True} if module.compacted else {}),  # format /2 files stay as they were
                 "backbone": module.backbone.name,
                 "fingerprint": module.backbone.fingerprint(),
                 "method": module.method,

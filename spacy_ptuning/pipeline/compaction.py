@@ -8,10 +8,11 @@ row of tens of KB, and a load reads, checks and runs all of it. The saved
 copy (adapter format /3, ``model.serialization``) holds the exact float32
 row instead (or float16 rows and word features, half the bytes): it
 predicts what the original predicts, loads like a prompt-tuning adapter,
-and cannot be trained (PT-E049), so the original stays the one to train. Why our own step rather than a config change: the
-row is the output of trained weights, not a setting, and the copy keeps the
-original's config so that the pool, the server and ``spacy.load`` read it
-as they read any pipeline.
+and cannot be trained (PT-E049), so the original stays the one to train.
+Why our own step rather than a config change: the row is the output of
+trained weights, not a setting, and the copy keeps the original's config so
+that the pool, the server and ``spacy.load`` read it as they read any
+pipeline.
 """
 import os
 import shutil
@@ -71,15 +72,22 @@ def save_compacted(source: Union[str, Path], output: Union[str, Path], force: bo
     if not adapters:
         raise PTuningError(Errors.E059.format(path=source, why="its pipeline has no spacy-ptuning adapter to compact"))
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.{uuid.uuid4().hex}.tmp"  # mkdir keeps the umask's modes
+    hidden = f".{output.name}.{uuid.uuid4().hex}"  # a served folder's pool skips names with a leading dot
+    staging, old = output.parent / f"{hidden}.tmp", output.parent / f"{hidden}.old"
+    moved = False
     try:
-        nlp.to_disk(staging)
+        nlp.to_disk(staging)  # mkdir: the umask's modes, as for any saved pipeline
         if output.exists():
-            shutil.rmtree(output)
+            os.replace(output, old)  # moved, not deleted first: the name is missing for two renames only
+            moved = True
         os.replace(staging, output)
     except BaseException:
+        if moved and not output.exists():
+            os.replace(old, output)  # the copy could not take its place: the old output stays
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if moved:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
     return len(adapters), _folder_bytes(source), _folder_bytes(output)
 
 
