@@ -22,7 +22,9 @@ malloc's free-but-kept bytes (fragmentation), and the rest (torch/numpy
 mappings, code), beside the adapters' own bytes and the number of objects
 Python's cycle collector tracks. ``--storage-dtypes float32,float16``:
 each storage dtype of the pool (``serve --storage-dtype``) in its own fresh
-process, side by side in one table.
+process, side by side in one table; ``float16-copies``: a float16 pool
+serving float16 compacted copies (``spacy ptuning compact --storage-dtype
+float16``) instead of halving the adapters as trained at each load.
 """
 import argparse
 import concurrent.futures
@@ -76,10 +78,12 @@ def malloc_mb() -> dict:
 
 
 def scale(folder: Path, counts: list, storage: str = "float32") -> list:
-    """At each count of resident adapters: RSS and where it goes."""
+    """At each count of resident adapters: RSS and where it goes.
+    ``storage`` "float16-copies": a float16 pool over float16 compacted
+    copies (``folder`` holds those)."""
     from spacy_ptuning.serving.pool import AdapterPool, resident_bytes
 
-    pool = AdapterPool(folder, max_loaded=10**6, check_interval=None, compact=True, storage_dtype=storage)
+    pool = AdapterPool(folder, max_loaded=10**6, check_interval=None, compact=True, storage_dtype=storage.split("-")[0])
     kinds = [kind for kind, *_ in ADAPTERS]
     for kind in kinds:  # first of each kind: shared tokenizer and caches
         pool.get(f"{kind}-0")
@@ -109,13 +113,23 @@ def main_scale(args) -> None:
     load_start = os.getloadavg()
     try:
         per_kind = -(-counts[-1] // len(ADAPTERS))
-        for kind, *_ in ADAPTERS:
-            for k in range(per_kind + 1):
-                perturbed_copy(base / kind, tmp / f"{kind}-{k}", seed=k)
+        storages = args.storage_dtypes.split(",")
+        folders = {"": base}
+        if "float16-copies" in storages:  # compacted float16 serving copies of the kinds (spacy ptuning compact)
+            from spacy_ptuning.pipeline.compaction import save_compacted
+
+            for kind, *_ in ADAPTERS:
+                save_compacted(base / kind, tmp / "kinds16" / kind, storage_dtype="float16")
+            folders["float16-copies"] = tmp / "kinds16"
+        for arm, kinds in folders.items():
+            for kind, *_ in ADAPTERS:
+                for k in range(per_kind + 1):
+                    perturbed_copy(kinds / kind, tmp / (arm or "copies") / f"{kind}-{k}", seed=k)
         rows = []
-        for storage in args.storage_dtypes.split(","):  # each in a fresh process
+        for storage in storages:  # each in a fresh process
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
-                rows += ex.submit(scale, tmp, counts, storage).result()
+                folder = tmp / ("float16-copies" if storage == "float16-copies" else "copies")
+                rows += ex.submit(scale, folder, counts, storage).result()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     lines = ["| storage | resident adapters | own MB / adapter | RSS MB / adapter | malloc in use | malloc free (kept) | "
@@ -136,7 +150,8 @@ def main() -> None:
     p.add_argument("--copies", type=int, default=20)
     p.add_argument("--out-dir", type=Path, default=common.RESULTS)
     p.add_argument("--scale", default="", help="counts of resident adapters, e.g. 500,1000,3000: where their memory goes")
-    p.add_argument("--storage-dtypes", default="float32", help="with --scale: the pool's storage dtypes, e.g. float32,float16")
+    p.add_argument("--storage-dtypes", default="float32", help="with --scale: the pool's storage dtypes, e.g. float32,float16; "
+                   "float16-copies: a float16 pool over float16 compacted copies (spacy ptuning compact --storage-dtype float16)")
     args = p.parse_args()
     if args.scale:
         return main_scale(args)
