@@ -171,7 +171,8 @@ def main() -> None:
         "retried": sum(r["tries"] > 1 for r in records),
         "adapters_asked": len({r["name"] for r in records}), "broken_asked": len(asked_broken),
         "loads": delta("ptuning_adapter_loads_total"), "load_failures": delta("ptuning_adapter_load_failures_total"),
-        "evictions": delta("ptuning_adapter_evictions_total"), "rss_mb": rss, "server_alive": alive,
+        "evictions": delta("ptuning_adapter_evictions_total"), "rss_mb": rss,
+        "load_ms": 1000 * delta("ptuning_adapter_load_seconds_total") / max(1.0, delta("ptuning_adapter_loads_total")), "server_alive": alive,
         # The permanent generation before and after the traffic (serving/gc_pauses.py):
         # with the loaded pipelines untied it follows the resident adapters; growth is frozen cycles.
         "frozen_before": metric(before, "ptuning_gc_frozen_objects"), "frozen_after": metric(after, "ptuning_gc_frozen_objects"),
@@ -195,7 +196,7 @@ def main() -> None:
     footer = (f"\n\nMachine: {common.machine_info()}; load average at start {load_start}, at end {os.getloadavg()}; "
               f"Zipf s={args.zipf} over all {args.on_disk + args.corrupt} names, {args.clients} clients, {seconds:.0f} s, "
               f"mode {args.mode}, 503s retried for {args.retry_for:g} s, server args {args.server_args!r}; "
-              f"{row['retried']:,} requests retried a 503; frozen objects {row['frozen_before']:,.0f} before the traffic, "
+              f"{row['retried']:,} requests retried a 503; mean load {row['load_ms']:.0f} ms; frozen objects {row['frozen_before']:,.0f} before the traffic, "
               f"{row['frozen_after']:,.0f} after; copies made in {made_s:.0f} s, server ready (preload of "
               f"{args.resident:,}) in {ready_s:.0f} s; adapters on disk {disk_mb:,.0f} MB (--compact {args.compact}); "
               f"server alive at the end: {alive}; "

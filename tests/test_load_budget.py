@@ -153,3 +153,74 @@ def test_admit_goes_by_the_measured_pace_of_a_backlog():
     budget.run(load)  # nothing else asked for: the backlog is over, its pace forgotten
     assert budget.rate is None
     budget.admit(1, limit_s=10)
+
+
+def _load_asked_during_a_batch(budget):
+    """A batch runs; a load is asked for during it, then the batch is let
+    finish once the load ran or waits. The order in which they ran."""
+    log, release = [], threading.Event()
+
+    def batch():
+        log.append("batch starts")
+        assert release.wait(BOUND)
+        log.append("batch ends")
+
+    t1 = _thread(lambda: budget.batch(batch))
+    _until(lambda: log == ["batch starts"], "the batch")
+    t2 = _thread(lambda: budget.run(log.append, "load runs"))
+    _until(lambda: "load runs" in log or budget.loads_waiting == 1, "the load to run or wait")
+    release.set()
+    t1.join(BOUND), t2.join(BOUND)
+    return log
+
+
+def test_with_overlap_a_load_runs_during_a_batch():
+    budget = LoadBudget(0.5, burst_s=BOUND, overlap=True)
+    assert _load_asked_during_a_batch(budget) == ["batch starts", "load runs", "batch ends"]
+    # between batches (the default), the same load waits for the batch to end
+    assert _load_asked_during_a_batch(LoadBudget(0.5, burst_s=BOUND)) == ["batch starts", "batch ends", "load runs"]
+
+
+def test_with_overlap_a_batch_never_waits_for_a_running_load():
+    budget = LoadBudget(0.5, burst_s=BOUND, overlap=True)  # between batches, it would wait up to BOUND
+    loading, release, batch_ran = threading.Event(), threading.Event(), threading.Event()
+
+    def load():
+        loading.set()
+        assert release.wait(BOUND)
+
+    t = _thread(lambda: budget.run(load))
+    assert loading.wait(BOUND)
+    try:
+        _thread(lambda: budget.batch(batch_ran.set))
+        assert batch_ran.wait(BOUND), "the batch waited for the load"
+    finally:
+        release.set()
+    t.join(BOUND)
+
+
+def test_with_overlap_a_load_without_credit_waits_for_the_batch_and_loads_run_one_at_a_time():
+    clock = FakeClock()
+    budget = LoadBudget(0.5, burst_s=1.0, overlap=True, clock=clock)
+
+    def long_load():
+        clock.now += 3.0  # into debt (see above)
+
+    budget.run(long_load)
+    assert _load_asked_during_a_batch(budget) == ["batch starts", "batch ends", "load runs"]
+    # one load at a time: a second load waits for the running one
+    log, release, first = [], threading.Event(), threading.Event()
+
+    def held():
+        first.set()
+        assert release.wait(BOUND)
+        log.append("first ends")
+
+    clock.now += 100.0  # credit again
+    t1 = _thread(lambda: budget.run(held))
+    assert first.wait(BOUND)
+    t2 = _thread(lambda: budget.run(log.append, "second runs"))
+    _until(lambda: budget.loads_waiting == 1, "the second load to wait")
+    release.set()
+    t1.join(BOUND), t2.join(BOUND)
+    assert log == ["first ends", "second runs"]

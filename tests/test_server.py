@@ -363,15 +363,18 @@ class _GatedPool(AdapterPool):
         return super()._spacy_load(location)
 
 
-def test_cold_loads_never_delay_requests_for_resident_adapters(adapters_dir, expected):
+@pytest.mark.parametrize("overlap", [False, True], ids=["between-batches", "load-overlap"])
+def test_cold_loads_never_delay_requests_for_resident_adapters(adapters_dir, expected, overlap):
     # Two cold adapters are asked for. Loads run one at a time: one starts
     # and hangs there (a slow disk), the other waits for its turn. Requests
     # for a resident adapter are still answered: a batch waits for a running
-    # load only briefly (load_budget.py), and warm requests never queue
-    # behind the loads. Then the cold ones are answered too.
+    # load only briefly (load_budget.py), or not at all with --load-overlap,
+    # and warm requests never queue behind the loads. Then the cold ones are
+    # answered too.
     pool = _GatedPool(adapters_dir, max_loaded=8, check_interval=None, gated=("sentiment", "topics"))
-    app = _app(pool, preload=["ner"])
+    app = _app(pool, preload=["ner"], load_overlap=overlap)
     budget = app.state.ptuning.load_budget
+    assert budget.overlap is overlap
     names = ("sentiment", "topics")
     with running(app) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
         _wait_ready(client)

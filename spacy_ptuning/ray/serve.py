@@ -116,8 +116,9 @@ class PTuningDeployment:
         keeps one more, so that the two LRUs never fight over a load).
     config: :class:`~spacy_ptuning.server.ServeConfig` fields for the
         batcher (batching, max_wait_ms, max_batch_texts, max_batch_tokens,
-        max_queue, timeout_s) and for loads (load_share, retry_after_s:
-        loads of new adapters take turns with batches, as in our server;
+        max_queue, timeout_s) and for loads (load_share, load_overlap,
+        retry_after_s: loads of new adapters take turns with batches, or run
+        beside them, as in our server;
         one that could not be done within half of timeout_s answers 503
         with Retry-After), gc_freeze_s (freezes after loads, as in our
         server) and storage_dtype (the pool's).
@@ -140,7 +141,7 @@ class PTuningDeployment:
         # Loads take turns with batches, as in our server (load_budget.py): a
         # load beside a batch slows both, and a burst of new adapters would
         # otherwise stall the adapters this replica already serves.
-        self.load_budget = LoadBudget(self.config.load_share)
+        self.load_budget = LoadBudget(self.config.load_share, overlap=self.config.load_overlap)
         self.batcher = pipeline_batcher(self.config, turns=self.load_budget)
         self.batcher.start()
         # A replica is a process of its own: after loads, its objects are
@@ -388,12 +389,25 @@ class PTuningRouter:
 # types convert the strings of `serve run ... key=value`); the HTTP-only ones
 # (connections, tokens, hosts, drain) belong to Serve's proxy, not to ours.
 _CONFIG = ("batching", "max_wait_ms", "max_batch_texts", "max_batch_tokens", "max_queue", "max_queue_wait_s",
-           "timeout_s", "load_share", "retry_after_s", "max_items", "max_request_adapters", "max_chars", "max_text_wordpieces",
+           "timeout_s", "load_share", "load_overlap", "retry_after_s", "max_items", "max_request_adapters", "max_chars", "max_text_wordpieces",
            "storage_dtype", "gc_freeze_s")
 _INT = ("num_replicas", "router_replicas", "max_models", "max_ongoing_requests", "retries",
         *(f.name for f in dataclasses.fields(ServeConfig) if f.name in _CONFIG and f.type in (int, "int")))
 _FLOAT = ("num_cpus", "num_gpus", "check_interval",
           *(f.name for f in dataclasses.fields(ServeConfig) if f.name in _CONFIG and f.type in (float, "float")))
+_BOOL = tuple(f.name for f in dataclasses.fields(ServeConfig) if f.name in _CONFIG and f.type in (bool, "bool"))
+
+
+def _as_bool(key: str, value: Any) -> bool:
+    """A boolean argument: a bool, or the strings of ``serve run ... key=value``."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"build_app: {key} must be true or false, got {value!r}")
 
 
 def build_app(args: Mapping[str, Any]) -> "serve.Application":
@@ -410,7 +424,7 @@ def build_app(args: Mapping[str, Any]) -> "serve.Application":
     retries (3: tries when a replica dies mid-request), check_interval (1.0 s;
     negative: never reload a changed adapter folder), and the batcher's
     batching, max_wait_ms, max_batch_texts, max_batch_tokens, max_queue,
-    max_queue_wait_s, timeout_s, load_share, retry_after_s, max_items,
+    max_queue_wait_s, timeout_s, load_share, load_overlap, retry_after_s, max_items,
     max_chars, max_text_wordpieces, the pool's storage_dtype and the
     replica's gc_freeze_s (as ``ServeConfig``).
     """
@@ -426,6 +440,9 @@ def build_app(args: Mapping[str, Any]) -> "serve.Application":
     for key in _FLOAT:
         if key in opts:
             opts[key] = float(opts[key])
+    for key in _BOOL:
+        if key in opts:
+            opts[key] = _as_bool(key, opts[key])
     # Absolute: replicas do not run in the driver's working directory.
     adapters_dir = str(Path(opts["adapters_dir"]).expanduser().resolve())
     AdapterPool(adapters_dir, max_loaded=1)  # a missing folder fails here, not in every replica

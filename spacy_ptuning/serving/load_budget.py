@@ -8,26 +8,41 @@ batcher's backbone pass lets go of the GIL around every torch op and must
 take it back after each one, and while a loader thread is running Python,
 each retake waits up to the interpreter's switch interval. So a load that
 overlaps a batch slows both: measured with ``bench/serve_cold.py`` on 2
-cores, loads took about 100 ms instead of 25. And a burst of cold requests
-kept two loader threads loading back to back: 50 cold adapters at once,
-beside 8 clients of warm ones, cut warm docs/s from 48 to 4.6 and raised
-warm p95 from 0.2 s to 3.1 s.
+cores (2026-12-02, when a load was 60-90 ms of Python), loads took about
+100 ms instead of 25; with today's loads the batch pays less (below). And a
+burst of cold requests kept two loader threads loading back to back: 50
+cold adapters at once, beside 8 clients of warm ones, cut warm docs/s from
+48 to 4.6 and raised warm p95 from 0.2 s to 3.1 s.
 
-:class:`LoadBudget` therefore takes turns:
+:class:`LoadBudget` therefore rations the loads, in one of two ways:
 
-- a load never starts during a batch, and a batch waits for the running
-  load, for ``burst_s`` at most (a load slowed by its disk then runs beside
-  the batch); one load runs at a time, at full speed;
-- between two batches, the loads that are waiting go first while they have
-  credit. The credit is a token bucket over load seconds: it fills at
-  ``share`` of the wall time, up to ``burst_s``, and a debt is kept to
-  ``burst_s`` at most. So while the batcher has work, loads take about
-  ``share`` of the time, and warm requests keep the rest;
-- when the batcher has nothing waiting, loads run back to back;
-- :meth:`admit` counts the loads asked for and refuses those that could
-  not be done in time (the server asks for half of its request timeout),
-  so that the server answers 503 with a Retry-After at once instead of
-  accepting them and answering 504.
+- **overlap** (``--load-overlap``, the server's default): a load runs as
+  soon as it is asked for, beside the running batch, one load at a time.
+  A cold request then waits for its own load and joins the next batch, as
+  a warm request arriving at that moment would; between batches, it also
+  waited for the batch that the load had to let go first. The batch pays
+  for the overlap in GIL contention, not in a turn. Measured on 2 cores
+  (``bench/serve_churn.py``, 1,000 resident of 3,000, Zipf traffic; and
+  ``bench/serve_cold.py``; bench/RESULTS.md, "Loads beside batches"): cold
+  p95 minus warm p95 fell from about 1.2 s to 0.05-0.07 s at the same
+  docs/s. What still needs a bound is a burst: loads back to back beside
+  the batches (a share of 1) starved the warm traffic (3.8 docs/s instead
+  of 39), so the share below still applies;
+- **between batches** (``--no-load-overlap``): a load never starts during a
+  batch, and a batch waits for the running load, for ``burst_s`` at most
+  (a load slowed by its disk then runs beside the batch); one load runs at
+  a time, at full speed. Warm traffic keeps more of its pace during a
+  burst of loads, cold requests wait longer.
+
+In both, the loads that are waiting go while they have credit. The credit
+is a token bucket over load seconds: it fills at ``share`` of the wall
+time, up to ``burst_s``, and a debt is kept to ``burst_s`` at most. So
+while the batcher has work, loads take about ``share`` of the time, and
+warm requests keep the rest; when the batcher has nothing to do, loads run
+back to back. :meth:`admit` counts the loads asked for and refuses those
+that could not be done in time (the server asks for half of its request
+timeout), so that the server answers 503 with a Retry-After at once
+instead of accepting them and answering 504.
 
 Warm requests never pass through it. Neither does preloading at start.
 The HTTP server and the Ray Serve replica (``ray/serve.py``) use it.
@@ -48,16 +63,18 @@ class LoadsBusy(Exception):
 
 class LoadBudget:
     """Turns between batches and loads; loads may take ``share`` (0 < share
-    <= 1) of the time while a batch is waiting, with up to ``burst_s`` seconds
-    of them at once."""
+    <= 1) of the time while a batch is waiting or running, with up to
+    ``burst_s`` seconds of them at once; ``overlap``: loads run beside
+    batches instead of between them."""
 
-    def __init__(self, share: float, burst_s: float = 0.25, *, first_load_s: float = 0.1,
+    def __init__(self, share: float, burst_s: float = 0.25, *, overlap: bool = False, first_load_s: float = 0.1,
                  clock: Callable[[], float] = time.monotonic):
         if not 0 < share <= 1:
             raise ValueError(f"load_share must be above 0 and at most 1, got {share!r}")
         if not burst_s > 0:
             raise ValueError(f"the load budget's burst must be positive, got {burst_s!r}")
         self.share, self.burst_s = share, burst_s
+        self.overlap = overlap  # loads run beside batches (see the module's docstring)
         self._clock = clock
         self._cond = threading.Condition()
         self._credit = burst_s
@@ -124,8 +141,13 @@ class LoadBudget:
         self._at = now
 
     def batch(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run a batch, ``fn(*args, **kwargs)``, in its turn: after the running
-        load, and after the waiting loads that have credit."""
+        """Run a batch, ``fn(*args, **kwargs)``, in its turn: at once with
+        ``overlap``; otherwise after the running load, and after the waiting
+        loads that have credit."""
+        if self.overlap:  # never waits for a load
+            with self._cond:
+                self._computing = True
+            return self._computed(fn, *args, **kwargs)
         with self._cond:
             self._batch_waiting = True
             deadline = self._clock() + self.burst_s
@@ -144,6 +166,9 @@ class LoadBudget:
             finally:
                 self._batch_waiting = False
             self._computing = True
+        return self._computed(fn, *args, **kwargs)
+
+    def _computed(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         finally:
@@ -159,10 +184,14 @@ class LoadBudget:
             try:
                 while True:
                     self._refill()
-                    if not self._computing and not self._loading and (self._credit >= 0 or not self._batch_waiting):
+                    if self.overlap:
+                        busy = self._computing or self._batch_waiting
+                        if not self._loading and (self._credit >= 0 or not busy):
+                            break
+                    elif not self._computing and not self._loading and (self._credit >= 0 or not self._batch_waiting):
                         break
                     timeout = None
-                    if not self._computing and not self._loading:  # a batch waits and there is no credit: wait for it
+                    if not self._loading and (self.overlap or not self._computing):  # no credit: wait for it
                         timeout = -self._credit / self.share
                     self._cond.wait(timeout)
             finally:
