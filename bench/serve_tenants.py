@@ -28,7 +28,7 @@ every row) or a long SST-2 sentence cost more than a CoNLL sentence under
 (``--baseline first``: against the first ``--tenants`` row, the older
 measure). Writes bench/results/serve_tenants_*.json/.md.
 
-    python bench/serve_tenants.py [--tenants 1,10,100,1000] [--seconds 30] [--traffic uniform,zipf]
+    python bench/serve_tenants.py [--tenants 1,10,100,1000] [--seconds 30] [--traffic uniform,zipf] [--plot bench/figures/serve_tenants.png]
 
 ``--variants 'freeze=;no-freeze=--gc-freeze-interval 0'``: each N served
 once per variant (its extra server arguments), side by side in one table;
@@ -203,6 +203,8 @@ def main() -> None:
     p.add_argument("--out-dir", type=Path, default=common.RESULTS)
     p.add_argument("--keep", action="store_true", help="keep the adapter copies")
     p.add_argument("--server-args", default="")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="write the retention and p95 curves over --tenants to this PNG (e.g. bench/figures/serve_tenants.png)")
     p.add_argument("--variants", default="",
                    help="serve each N once per variant, 'label=extra server args' separated by ';' "
                         "(e.g. 'freeze=;no-freeze=--gc-freeze-interval 0'); default: one, --server-args alone")
@@ -285,6 +287,47 @@ def main() -> None:
             r.pop("latencies", None)
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "alone": alone, "args": vars(args) | {"data_dir": str(args.data_dir), "out_dir": str(args.out_dir)}}, indent=1))
     out.with_suffix(".md").write_text(table + footer + "\n")
+    if args.plot:
+        print(plot_curves(rows, args.plot, footer.strip()) or f"wrote {args.plot}")
+
+
+def plot_curves(rows: List[dict], path: Path, caption: str) -> str:
+    """Retention and p95 / baseline against the number of tenants (log
+    scale), one line per mode, variant and traffic; '' when written, or why
+    not."""
+    from lib.report import figure
+
+    ax = figure((11, 4))
+    if isinstance(ax, str):
+        return ax
+    import matplotlib.pyplot as plt
+
+    fig = ax.figure
+    ax2 = fig.add_subplot(1, 2, 2)
+    ax.set_position([0.07, 0.2, 0.4, 0.68])
+    ax2.set_position([0.57, 0.2, 0.4, 0.68])
+    series: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        series.setdefault((r["mode"], r["variant"], r["traffic"]), []).append(r)
+    for (mode, variant, traffic), rs in series.items():
+        rs = sorted(rs, key=lambda r: r["tenants"])
+        label = " ".join(x for x in (mode, variant, traffic) if x)
+        ax.plot([r["tenants"] for r in rs], [r["retention"] for r in rs], marker="o", label=label)
+        ax2.plot([r["tenants"] for r in rs], [r["p95_vs_one"] for r in rs], marker="o", label=label)
+    goals = {ax: ((0.95, "goal at 1,000"), (0.9, "goal at 10,000")), ax2: ((1.5, "goal"),)}
+    for a, what in ((ax, "retention (docs/s / one-adapter servers)"), (ax2, "p95 / one-adapter servers' p95")):
+        a.set_xscale("log")
+        a.set_xlabel("resident adapters (tenants)")
+        a.set_ylabel(what)
+        for (goal, name), style in zip(goals[a], ("--", ":")):
+            a.axhline(goal, color="grey", linestyle=style, linewidth=0.8, label=f"{name}: {goal:g}")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.suptitle("spacy-ptuning server: tenants of mixed kinds on one backbone", fontsize=10)
+    fig.text(0.01, 0.01, caption[:220], fontsize=6)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return ""
 
 
 if __name__ == "__main__":

@@ -64,3 +64,37 @@ def test_the_memo_sees_registrations_and_replacements():
     finally:
         catalogue.REGISTRY.pop(key, None)
     assert "test-registry-cache" not in decoders.get_all()
+
+
+def test_argument_schemas_are_built_once_per_function_and_still_validate():
+    import pytest
+    from confection import ConfigValidationError
+    from confection.validation import Schema
+    from spacy.util import registry
+
+    registry_cache.install()
+
+    def f(width: int = 3, name: str = "x"):
+        return width
+
+    def g(width: float):
+        return width
+
+    a = Schema.from_function(f)
+    assert Schema.from_function(f) is a and set(a.model_fields) == {"width", "name"}
+    assert not a.model_fields["width"].is_required()
+    b = Schema.from_function(g)  # another function: its own schema
+    assert b is not a and set(b.model_fields) == {"width"} and b.model_fields["width"].is_required()
+    own = Schema.from_function(f, config={"extra": "allow"})  # a config of its own: built, not memoised
+    assert own is not a and Schema.from_function(f) is a
+
+    @registry.misc("spacy_ptuning_test_schema_memo.v1")
+    def width_of(width: int):
+        return width
+
+    for _ in range(2):  # the second resolve uses the memoised schema: still filled and validated
+        assert registry.resolve({"x": {"@misc": "spacy_ptuning_test_schema_memo.v1", "width": 3}})["x"] == 3
+        with pytest.raises(ConfigValidationError):
+            registry.resolve({"x": {"@misc": "spacy_ptuning_test_schema_memo.v1", "width": "wide"}})
+        with pytest.raises(ConfigValidationError):
+            registry.resolve({"x": {"@misc": "spacy_ptuning_test_schema_memo.v1"}})

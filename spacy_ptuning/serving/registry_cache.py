@@ -14,7 +14,7 @@ That was over half of an adapter's load time once the backbone is shared
 GIL, which is what makes cold loads slow down the warm requests served
 beside them (``load_budget.py``, ``bench/serve_cold.py``).
 
-:func:`install`, once per process (the adapter pool calls it), changes two
+:func:`install`, once per process (the adapter pool calls it), changes three
 things and nothing they return:
 
 - ``catalogue.AVAILABLE_ENTRY_POINTS`` (the snapshot catalogue takes of the
@@ -24,9 +24,16 @@ things and nothing they return:
 - srsly's ``msgpack_encoders`` / ``msgpack_decoders`` remember the result
   of ``get_all`` while ``catalogue.REGISTRY`` holds the same functions under
   the same names (any registration or removal makes it look again).
+- confection's ``Schema.from_function`` (the argument schema of a
+  registered function, built from its signature and type hints: about 16
+  per adapter load, one per block of its config) is built once per
+  function. Validation itself still runs on every build, against the same
+  schema; only the schema's construction is reused. A function whose
+  annotations are changed after its first use would keep its first schema.
 
-Neither can be upstreamed as a setting: catalogue has no cache of its own,
-and srsly calls ``get_all`` inside ``unpackb``.
+None of them can be upstreamed as a setting: catalogue has no cache of its
+own, srsly calls ``get_all`` inside ``unpackb``, and confection rebuilds
+the schema inside every resolve.
 """
 import threading
 from typing import Any, Dict, List, Tuple
@@ -49,6 +56,7 @@ def install() -> None:
 
         for registry in (srsly.msgpack.msgpack_encoders, srsly.msgpack.msgpack_decoders):
             registry.get_all = _memoised_get_all(registry)
+        _memoise_schemas()
         _installed = True
 
 
@@ -64,6 +72,28 @@ def grouped_entry_points(available: Any) -> Dict[str, List[Any]]:
     for ep in entries:
         out.setdefault(ep.group, []).append(ep)
     return out
+
+
+def _memoise_schemas() -> None:
+    from confection.validation import Schema
+
+    original = Schema.from_function.__func__  # the classmethod's function
+    built: Dict[Tuple[Any, Any], Any] = {}
+
+    def from_function(cls, func, *, config=None):
+        if config is not None:
+            return original(cls, func, config=config)
+        key = (cls, func)
+        try:
+            schema = built.get(key)
+        except TypeError:  # an unhashable callable
+            return original(cls, func)
+        if schema is None:
+            schema = built.setdefault(key, original(cls, func))
+        return schema
+
+    from_function.__doc__ = original.__doc__
+    Schema.from_function = classmethod(from_function)
 
 
 def _memoised_get_all(registry: catalogue.Registry):
