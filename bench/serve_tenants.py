@@ -285,7 +285,7 @@ def main() -> None:
     for kinds in alone.values():
         for r in kinds.values():
             r.pop("latencies", None)
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "alone": alone, "args": vars(args) | {"data_dir": str(args.data_dir), "out_dir": str(args.out_dir)}}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "alone": alone, "args": vars(args) | {"data_dir": str(args.data_dir), "out_dir": str(args.out_dir), "plot": args.plot and str(args.plot)}}, indent=1))
     out.with_suffix(".md").write_text(table + footer + "\n")
     if args.plot:
         print(plot_curves(rows, args.plot, footer.strip()) or f"wrote {args.plot}")
