@@ -420,19 +420,19 @@ def test_without_ray_the_import_says_how_to_install():
     assert all('pip install "spacy-ptuning[ray]"' in line for line in lines)
 
 
-def test_a_replica_takes_the_load_overlap_setting(adapters_dir, monkeypatch):
+def test_a_replica_takes_the_loads_between_batches_setting(adapters_dir, monkeypatch):
     from spacy_ptuning.ray import serve as ray_serve
 
     monkeypatch.setattr(ray_serve.ray, "get_gpu_ids", lambda: [])
     monkeypatch.setattr(ray_serve.serve, "get_replica_context", lambda: None)
-    for given, overlap in ((None, True), ("false", False), ("on", True), (False, False)):
-        config = {} if given is None else {"load_overlap": ray_serve._as_bool("load_overlap", given)}
+    for given, overlap in ((None, True), ("true", False), ("off", True), (True, False)):
+        config = {} if given is None else {"loads_between_batches": ray_serve._as_bool("loads_between_batches", given)}
         replica = ray_serve.PTuningDeployment.func_or_class(str(adapters_dir), max_models=2, config=config, check_interval=None)
         assert replica.load_budget.overlap is overlap
-    with pytest.raises(ValueError, match="load_overlap must be true or false"):
-        ray_serve._as_bool("load_overlap", "sometimes")
-    with pytest.raises(ValueError, match="load_overlap must be true or false"):
-        ray_serve.build_app({"adapters_dir": str(adapters_dir), "load_overlap": "sometimes"})
+    with pytest.raises(ValueError, match="loads_between_batches must be true or false"):
+        ray_serve._as_bool("loads_between_batches", "sometimes")
+    with pytest.raises(ValueError, match="loads_between_batches must be true or false"):
+        ray_serve.build_app({"adapters_dir": str(adapters_dir), "loads_between_batches": "sometimes"})
 
 
 def test_a_replica_takes_load_turns_and_refuses_what_it_could_not_load_in_time(adapters_dir, expected, monkeypatch):

@@ -363,16 +363,16 @@ class _GatedPool(AdapterPool):
         return super()._spacy_load(location)
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["between-batches", "load-overlap"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["between-batches", "beside-batches"])
 def test_cold_loads_never_delay_requests_for_resident_adapters(adapters_dir, expected, overlap):
     # Two cold adapters are asked for. Loads run one at a time: one starts
     # and hangs there (a slow disk), the other waits for its turn. Requests
     # for a resident adapter are still answered: a batch waits for a running
-    # load only briefly (load_budget.py), or not at all with --load-overlap,
+    # load only briefly (load_budget.py), or not at all beside batches (the default),
     # and warm requests never queue behind the loads. Then the cold ones are
     # answered too.
     pool = _GatedPool(adapters_dir, max_loaded=8, check_interval=None, gated=("sentiment", "topics"))
-    app = _app(pool, preload=["ner"], load_overlap=overlap)
+    app = _app(pool, preload=["ner"], loads_between_batches=not overlap)
     budget = app.state.ptuning.load_budget
     assert budget.overlap is overlap
     names = ("sentiment", "topics")

@@ -116,9 +116,9 @@ class PTuningDeployment:
         keeps one more, so that the two LRUs never fight over a load).
     config: :class:`~spacy_ptuning.server.ServeConfig` fields for the
         batcher (batching, max_wait_ms, max_batch_texts, max_batch_tokens,
-        max_queue, timeout_s) and for loads (load_share, load_overlap,
-        retry_after_s: loads of new adapters take turns with batches, or run
-        beside them, as in our server;
+        max_queue, timeout_s) and for loads (load_share, loads_between_batches,
+        retry_after_s: loads of new adapters run beside batches, or between
+        them, as in our server;
         one that could not be done within half of timeout_s answers 503
         with Retry-After), gc_freeze_s (freezes after loads, as in our
         server) and storage_dtype (the pool's).
@@ -141,7 +141,7 @@ class PTuningDeployment:
         # Loads take turns with batches, as in our server (load_budget.py): a
         # load beside a batch slows both, and a burst of new adapters would
         # otherwise stall the adapters this replica already serves.
-        self.load_budget = LoadBudget(self.config.load_share, overlap=self.config.load_overlap)
+        self.load_budget = LoadBudget(self.config.load_share, overlap=not self.config.loads_between_batches)
         self.batcher = pipeline_batcher(self.config, turns=self.load_budget)
         self.batcher.start()
         # A replica is a process of its own: after loads, its objects are
@@ -389,7 +389,7 @@ class PTuningRouter:
 # types convert the strings of `serve run ... key=value`); the HTTP-only ones
 # (connections, tokens, hosts, drain) belong to Serve's proxy, not to ours.
 _CONFIG = ("batching", "max_wait_ms", "max_batch_texts", "max_batch_tokens", "max_queue", "max_queue_wait_s",
-           "timeout_s", "load_share", "load_overlap", "retry_after_s", "max_items", "max_request_adapters", "max_chars", "max_text_wordpieces",
+           "timeout_s", "load_share", "loads_between_batches", "retry_after_s", "max_items", "max_request_adapters", "max_chars", "max_text_wordpieces",
            "storage_dtype", "gc_freeze_s")
 _INT = ("num_replicas", "router_replicas", "max_models", "max_ongoing_requests", "retries",
         *(f.name for f in dataclasses.fields(ServeConfig) if f.name in _CONFIG and f.type in (int, "int")))
@@ -424,7 +424,7 @@ def build_app(args: Mapping[str, Any]) -> "serve.Application":
     retries (3: tries when a replica dies mid-request), check_interval (1.0 s;
     negative: never reload a changed adapter folder), and the batcher's
     batching, max_wait_ms, max_batch_texts, max_batch_tokens, max_queue,
-    max_queue_wait_s, timeout_s, load_share, load_overlap, retry_after_s, max_items,
+    max_queue_wait_s, timeout_s, load_share, loads_between_batches, retry_after_s, max_items,
     max_chars, max_text_wordpieces, the pool's storage_dtype and the
     replica's gc_freeze_s (as ``ServeConfig``).
     """

@@ -16,7 +16,7 @@ cold adapters at once, beside 8 clients of warm ones, cut warm docs/s from
 
 :class:`LoadBudget` therefore rations the loads, in one of two ways:
 
-- **overlap** (``--load-overlap``, the server's default): a load runs as
+- **overlap** (the server's default): a load runs as
   soon as it is asked for, beside the running batch, one load at a time.
   A cold request then waits for its own load and joins the next batch, as
   a warm request arriving at that moment would; between batches, it also
@@ -28,7 +28,7 @@ cold adapters at once, beside 8 clients of warm ones, cut warm docs/s from
   docs/s. What still needs a bound is a burst: loads back to back beside
   the batches (a share of 1) starved the warm traffic (3.8 docs/s instead
   of 39), so the share below still applies;
-- **between batches** (``--no-load-overlap``): a load never starts during a
+- **between batches** (``--loads-between-batches``): a load never starts during a
   batch, and a batch waits for the running load, for ``burst_s`` at most
   (a load slowed by its disk then runs beside the batch); one load runs at
   a time, at full speed. Warm traffic keeps more of its pace during a

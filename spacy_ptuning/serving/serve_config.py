@@ -54,7 +54,7 @@ class ServeConfig:
     retry_after_s: int = _opt(1, "The smallest Retry-After of a 503")
     gc_freeze_s: float = _opt(5.0, "While adapters load: seconds between freezes of the process's objects out of the cycle collector (gc.freeze), and one after the last load; 0: never (full collections then walk every resident adapter: 3.5 s at 10,000). See docs/serving.md", "--gc-freeze-interval")
     metrics_adapters: int = _opt(100, "Most adapters with /metrics series of their own (the first whose texts ran); the others are counted under adapter=\"_other\", so that thousands of adapters, or requests naming unknown ones, do not make thousands of series (each about 115 Python objects)")
-    load_overlap: bool = _opt(True, "Run adapter loads for requests beside batches, one at a time (a cold request waits for its own load, then joins the next batch); --no-load-overlap: between batches (a cold request also waits for a batch, warm traffic keeps more of its pace during a burst of loads). See docs/serving.md", "--load-overlap/--no-load-overlap")
+    loads_between_batches: bool = _opt(False, "Run adapter loads for requests between batches (a cold request also waits for a batch; warm traffic keeps more of its pace during a burst of loads) instead of beside them, one at a time (a cold request waits for its own load, then joins the next batch). See docs/serving.md")
     load_share: float = _opt(0.5, "Share of the time that loading adapters for requests may take while batches wait or run (1: no limit; loads beside batches then starve warm traffic during a burst of cold requests); cold requests that could not be loaded within half of --timeout get 503 with Retry-After. See docs/serving.md")
 
     def __post_init__(self) -> None:

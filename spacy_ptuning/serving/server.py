@@ -422,7 +422,7 @@ class _State:
         self.config = config
         # Loads for requests and batches take turns, the loads at most
         # config.load_share of the time while a batch waits (load_budget.py).
-        self.load_budget = LoadBudget(config.load_share, overlap=config.load_overlap)
+        self.load_budget = LoadBudget(config.load_share, overlap=not config.loads_between_batches)
         # After loads, what the process holds is frozen out of the cycle
         # collector, so that its full collections do not walk every resident
         # adapter (gc_pauses.py); started with the app, and once after the
