@@ -91,8 +91,13 @@ def test_loads_run_back_to_back_when_no_batch_waits_and_the_debt_is_bounded():
     assert budget._credit == pytest.approx(-0.5)
 
 
-def test_a_batch_waits_for_a_running_load_only_briefly():
-    budget = LoadBudget(0.5, burst_s=0.05)
+@pytest.mark.parametrize("make", [lambda: LoadBudget(0.5, burst_s=0.05),
+                                  # beside batches, never: between them, it would wait for the
+                                  # whole load (burst_s far beyond the test's BOUND)
+                                  lambda: LoadBudget(0.5, burst_s=10 * BOUND, overlap=True)],
+                         ids=["between-batches-briefly", "beside-batches-never"])
+def test_a_batch_waits_for_a_running_load_only_briefly(make):
+    budget = make()
     loading, release, batch_ran = threading.Event(), threading.Event(), threading.Event()
 
     def slow_load():  # a load held up by its disk
@@ -179,24 +184,6 @@ def test_with_overlap_a_load_runs_during_a_batch():
     assert _load_asked_during_a_batch(budget) == ["batch starts", "load runs", "batch ends"]
     # between batches (the default), the same load waits for the batch to end
     assert _load_asked_during_a_batch(LoadBudget(0.5, burst_s=BOUND)) == ["batch starts", "batch ends", "load runs"]
-
-
-def test_with_overlap_a_batch_never_waits_for_a_running_load():
-    budget = LoadBudget(0.5, burst_s=BOUND, overlap=True)  # between batches, it would wait up to BOUND
-    loading, release, batch_ran = threading.Event(), threading.Event(), threading.Event()
-
-    def load():
-        loading.set()
-        assert release.wait(BOUND)
-
-    t = _thread(lambda: budget.run(load))
-    assert loading.wait(BOUND)
-    try:
-        _thread(lambda: budget.batch(batch_ran.set))
-        assert batch_ran.wait(BOUND), "the batch waited for the load"
-    finally:
-        release.set()
-    t.join(BOUND)
 
 
 def test_with_overlap_a_load_without_credit_waits_for_the_batch_and_loads_run_one_at_a_time():
