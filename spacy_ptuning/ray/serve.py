@@ -138,9 +138,10 @@ class PTuningDeployment:
         self.config = ServeConfig(**dict(config or {}))
         self.pool = AdapterPool(adapters_dir, max_loaded=max_models + 1, check_interval=check_interval, compact=True,
                                  storage_dtype=self.config.storage_dtype)
-        # Loads take turns with batches, as in our server (load_budget.py): a
-        # load beside a batch slows both, and a burst of new adapters would
-        # otherwise stall the adapters this replica already serves.
+        # Loads are rationed as in our server (load_budget.py): one at a time,
+        # beside the batches (or between them), within load_share of the time,
+        # so that a burst of new adapters does not stall the adapters this
+        # replica already serves.
         self.load_budget = LoadBudget(self.config.load_share, overlap=not self.config.loads_between_batches)
         self.batcher = pipeline_batcher(self.config, turns=self.load_budget)
         self.batcher.start()
