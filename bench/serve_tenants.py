@@ -295,17 +295,15 @@ def plot_curves(rows: List[dict], path: Path, caption: str) -> str:
     """Retention and p95 / baseline against the number of tenants (log
     scale), one line per mode, variant and traffic; '' when written, or why
     not."""
-    from lib.report import figure
+    try:
+        import matplotlib
 
-    ax = figure((11, 4))
-    if isinstance(ax, str):
-        return ax
-    import matplotlib.pyplot as plt
-
-    fig = ax.figure
-    ax2 = fig.add_subplot(1, 2, 2)
-    ax.set_position([0.07, 0.2, 0.4, 0.68])
-    ax2.set_position([0.57, 0.2, 0.4, 0.68])
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return f"matplotlib not available: {e}"
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig.subplots_adjust(bottom=0.2, top=0.88, wspace=0.3)
     series: Dict[tuple, List[dict]] = {}
     for r in rows:
         series.setdefault((r["mode"], r["variant"], r["traffic"]), []).append(r)

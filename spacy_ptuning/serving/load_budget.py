@@ -184,15 +184,13 @@ class LoadBudget:
             try:
                 while True:
                     self._refill()
-                    if self.overlap:
-                        busy = self._computing or self._batch_waiting
-                        if not self._loading and (self._credit >= 0 or not busy):
-                            break
-                    elif not self._computing and not self._loading and (self._credit >= 0 or not self._batch_waiting):
+                    # Between batches a running batch blocks a load; beside
+                    # them it only makes the load need credit, as a waiting one does.
+                    blocked = self._loading or (self._computing and not self.overlap)
+                    batches_busy = self._batch_waiting or (self._computing and self.overlap)
+                    if not blocked and (self._credit >= 0 or not batches_busy):
                         break
-                    timeout = None
-                    if not self._loading and (self.overlap or not self._computing):  # no credit: wait for it
-                        timeout = -self._credit / self.share
+                    timeout = None if blocked else -self._credit / self.share  # no credit: wait for it
                     self._cond.wait(timeout)
             finally:
                 self._loads_waiting -= 1
